@@ -1,0 +1,403 @@
+"""The hook engine: ``with ModulationContext(...): loss.backward()``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ._errors import ConfigurationError, StepError
+from ._groups import (
+    EncoderSpec,
+    FusionSpec,
+    check_disjoint,
+    reachable_leaves,
+    resolve_fusion,
+    resolve_groups,
+    unwrap,
+)
+from .methods import CGGM, Binding, Method
+
+__all__ = ["ModulationContext"]
+
+Mode = Literal["parameter", "feature"]
+_MARK = "_gradmod_modulated"
+
+
+class ModulationContext:
+    r"""Modulates each modality encoder's gradients during the ``backward()`` inside its block.
+
+    Build it once, before the training loop, and enter it around every backward, handing it
+    the step's encoder outputs and targets::
+
+        ctx = gradmod.ModulationContext(model, classifiers, method=gradmod.CGGM(), fusion="head")
+        for x_audio, x_video, y in loader:
+            feats = {"audio": model.audio(x_audio), "video": model.video(x_video)}
+            loss = F.cross_entropy(model.head(torch.cat([*feats.values()], 1)), y)
+            with ctx(features=feats, targets=y):
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    On entering, the method reads the features (CGGM: its classifiers on the detached
+    features) and decides one coefficient per modality; the engine then registers, for the
+    duration of the block only, hooks that multiply encoder ``m``'s gradients by that
+    coefficient. Hooks are removed on exit, also when the block raises.
+
+    Args:
+        model: the user's model (may be wrapped in DDP, DataParallel or ``torch.compile``).
+            Dotted paths are resolved in it, and encoder parameters must belong to it.
+        classifiers: modality name -> unimodal classifier (methods that use them, e.g. CGGM).
+        encoders: modality name -> encoder, as a module, an exact dotted submodule path of
+            ``model`` or an iterable of parameters. Default: each classifier key is the path
+            of its encoder in ``model`` (``{"audio": "audio"}``). Never substring matching.
+        method: the modulation method, which keeps the cross-step state; default ``CGGM()``.
+        fusion: the fusion head for CGGM's direction loss (module, path or tensor); ``None``
+            turns the direction loss off.
+        mode: ``"parameter"`` (default) hooks every encoder parameter (exact in all cases);
+            ``"feature"`` hooks each encoder's output tensor instead, one multiply per modality
+            at almost no cost. Feature mode is exact **provided encoder m's parameters receive
+            gradient only through features[m]**; at the first step the engine walks the
+            autograd graph and refuses a feature that depends on another group's parameters
+            or on trainable parameters outside its group, and a group parameter that does not
+            feed its feature. It cannot see a loss that reads an encoder's inner activations
+            directly: use parameter mode then.
+        grad_scaler: the ``torch.amp.GradScaler`` that scales the loss, if any: gradients the
+            method adds itself (classifier loss, direction loss) are scaled alike, so that after
+            ``scaler.unscale_`` every gradient equals the run without a scaler.
+        process_group: the ``torch.distributed`` group over which metric counts and classifier
+            gradients are reduced (default: the world, when initialised with > 1 rank).
+        allow_frozen: skip, instead of refusing, frozen parameters in an encoder group.
+        features, targets: this step's inputs, for one-shot use; usually given by calling the
+            context, ``with ctx(features=..., targets=...)``.
+
+    Raises:
+        ConfigurationError: listing every configuration problem at once.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None,
+        classifiers: Mapping[str, nn.Module] | None = None,
+        *,
+        encoders: Mapping[str, EncoderSpec] | None = None,
+        method: Method | None = None,
+        fusion: FusionSpec | None = None,
+        mode: Mode = "parameter",
+        grad_scaler: Any = None,
+        process_group: Any = None,
+        allow_frozen: bool = False,
+        features: Mapping[str, Tensor] | None = None,
+        targets: Tensor | None = None,
+    ) -> None:
+        self.method: Method = method if method is not None else CGGM()
+        problems: list[str] = []
+        if mode not in ("parameter", "feature"):
+            problems.append(f"mode must be 'parameter' or 'feature'; got {mode!r}")
+        if encoders is None:
+            if classifiers is None:
+                raise ConfigurationError(
+                    [
+                        "pass encoders={name: module | 'dotted.path' | [params]} (or classifiers "
+                        "whose keys are the encoders' paths in the model)"
+                    ]
+                )
+            encoders = {name: name for name in classifiers}
+        names = tuple(encoders)
+        if len(names) < 2:
+            problems.append(
+                f"modulation needs at least 2 modalities; got {len(names)} ({list(names)})"
+            )
+        groups = resolve_groups(model, encoders, problems, allow_frozen=allow_frozen)
+
+        clfs: dict[str, nn.Module] | None = None
+        if classifiers is not None:
+            missing = [n for n in names if n not in classifiers]
+            extra = [k for k in classifiers if k not in encoders]
+            if missing or extra:
+                problems.append(
+                    f"classifier keys {sorted(classifiers)} do not match encoder keys "
+                    f"{list(names)} (missing: {missing}, unknown: {extra})"
+                )
+            bad = [k for k, c in classifiers.items() if not isinstance(c, nn.Module)]
+            if bad:
+                problems.append(f"classifiers {bad} are not nn.Module instances")
+            clfs = {k: c for k, c in classifiers.items() if isinstance(c, nn.Module)}
+        if self.method.uses_classifiers and classifiers is None:
+            problems.append(
+                f"{type(self.method).__name__} needs one unimodal classifier per modality: pass "
+                "classifiers={name: module}"
+            )
+        u = resolve_fusion(model, fusion, problems) if fusion is not None else None
+
+        others: dict[str, list[Tensor]] = {}
+        if clfs is not None:
+            for k, c in clfs.items():
+                others[f"a parameter of classifiers[{k!r}]"] = list(c.parameters())
+        if u is not None:
+            others["the fusion tensor"] = [u]
+        check_disjoint(groups, others, problems)
+        if isinstance(model, nn.parallel.DistributedDataParallel) and clfs is not None:
+            in_ddp = {id(p) for p in model.parameters()}
+            if any(id(p) in in_ddp for c in clfs.values() for p in c.parameters()):
+                problems.append(
+                    "the classifiers are inside the DDP-wrapped model, but they never receive "
+                    "gradient from its forward (DDP would wait for them); keep them outside the "
+                    "DDP module: gradmod all-reduces their gradients itself"
+                )
+
+        device = next((p.device for ps in groups.values() for p in ps), torch.device("cpu"))
+        self._binding = Binding(names, groups, clfs, u, device)
+        if not problems:
+            problems.extend(self.method.check(self._binding))
+        if problems:
+            raise ConfigurationError(problems)
+
+        self.mode: Mode = mode
+        self.grad_scaler = grad_scaler
+        self.process_group = process_group
+        self._model = unwrap(model) if model is not None else None
+        self._coeffs = torch.ones(len(names), device=device)
+        self._views = [self._coeffs[i] for i in range(len(names))]
+        self._handles: list[RemovableHandle] = []
+        self._marked: list[Tensor] = []
+        self._fired: list[bool] = []
+        self._active = False
+        self._feature_checked = False
+        self._pending: tuple[Mapping[str, Tensor] | None, Tensor | None] = (features, targets)
+
+    # ----------------------------------------------------------------------------------- API
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Modality names, in the order of :attr:`coefficients`."""
+        return self._binding.names
+
+    @property
+    def coefficients(self) -> Tensor:
+        """The factors applied in the latest (or current) backward, shape ``[M]`` (a copy)."""
+        return self._coeffs.detach().clone()
+
+    def parameters(self) -> dict[str, list[nn.Parameter]]:
+        """The modulated parameters of each modality."""
+        return {n: list(ps) for n, ps in self._binding.groups.items()}
+
+    def classifier_parameters(self) -> list[nn.Parameter]:
+        """All classifier parameters (to hand to an optimizer)."""
+        cl = self._binding.classifiers or {}
+        return [p for n in self.names if n in cl for p in cl[n].parameters()]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's cross-step state (classifiers are the user's modules: save them too)."""
+        return self.method.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.method.load_state_dict(state_dict)
+
+    def __call__(
+        self, features: Mapping[str, Tensor] | None = None, targets: Tensor | None = None
+    ) -> ModulationContext:
+        """Give this step's encoder outputs and targets; returns the context to enter."""
+        self._pending = (features, targets)
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"ModulationContext(names={list(self.names)}, method={self.method!r}, "
+            f"mode={self.mode!r})"
+        )
+
+    # ------------------------------------------------------------------------------ engine
+    def __enter__(self) -> ModulationContext:
+        if self._active:
+            raise RuntimeError("this ModulationContext is already active: contexts do not nest")
+        features, targets = self._pending
+        self._pending = (None, None)
+        self._check_step(features, targets)
+        assert targets is not None
+        feats: Mapping[str, Tensor] = features or {}
+        try:
+            self._mark()
+            plan = self.method.plan(self._binding, feats, targets, self._reduce)
+            with torch.no_grad():
+                c = plan.coefficients.detach().to(self._coeffs.device, torch.float32)
+                # Defensive: a non-finite coefficient never reaches a gradient (1 = untouched).
+                self._coeffs.copy_(torch.where(torch.isfinite(c), c, torch.ones_like(c)))
+            self._accumulate(plan.accumulate)
+            self._register(feats, plan.add_in_backward)
+        except BaseException:
+            self._release()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        fired = list(self._fired)
+        self._release()
+        if exc_type is None and not all(fired):
+            raise StepError(
+                "the fusion tensor received no gradient inside the block, so CGGM's direction "
+                "loss was not applied: call loss.backward() inside the block with a loss that "
+                "uses the fusion head, or pass fusion=None"
+            )
+
+    def _release(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for t in self._marked:
+            if hasattr(t, _MARK):
+                delattr(t, _MARK)
+        self._marked.clear()
+        self._fired.clear()
+        self._active = False
+
+    def _mark(self) -> None:
+        params = [p for ps in self._binding.groups.values() for p in ps]
+        if any(getattr(p, _MARK, False) for p in params):
+            raise RuntimeError(
+                "some of these encoder parameters are already modulated by an active "
+                "ModulationContext; one context per parameter at a time (exit the other first)"
+            )
+        for p in params:
+            setattr(p, _MARK, True)
+            self._marked.append(p)
+
+    def _check_step(self, features: Mapping[str, Tensor] | None, targets: Tensor | None) -> None:
+        problems: list[str] = []
+        if targets is None:
+            problems.append("no targets for this step: enter with ctx(features=..., targets=y)")
+        need_features = self.method.uses_features or self.mode == "feature"
+        if features is None:
+            if need_features:
+                problems.append(
+                    "no features for this step: enter with ctx(features={name: encoder output}, "
+                    "targets=y)"
+                )
+        else:
+            keys = list(features)
+            if sorted(keys) != sorted(self.names):
+                problems.append(
+                    f"features keys {keys} do not match the modalities {list(self.names)}"
+                )
+            for k, h in features.items():
+                if not isinstance(h, Tensor):
+                    problems.append(f"features[{k!r}] is a {type(h).__name__}, not a tensor")
+                elif self.mode == "feature" and h.grad_fn is None:
+                    problems.append(
+                        f"features[{k!r}] is not attached to the autograd graph (detached, or "
+                        "computed under no_grad): feature mode hooks the live encoder output"
+                    )
+        if problems:
+            raise StepError("; ".join(problems))
+        if self.mode == "feature" and not self._feature_checked and features is not None:
+            self._check_feature_precondition(features)
+            self._feature_checked = True
+
+    def _check_feature_precondition(self, features: Mapping[str, Tensor]) -> None:
+        problems: list[str] = []
+        model_params = (
+            {id(p) for p in self._model.parameters() if p.requires_grad} if self._model else set()
+        )
+        group_ids = {n: {id(p) for p in ps} for n, ps in self._binding.groups.items()}
+        for n in self.names:
+            leaves = reachable_leaves(features[n])
+            missing = len(group_ids[n] - leaves)
+            if missing:
+                problems.append(
+                    f"{missing} parameter(s) of encoders[{n!r}] do not feed features[{n!r}]: "
+                    "feature mode would not modulate them; use mode='parameter'"
+                )
+            for j in self.names:
+                if j != n and group_ids[j] & leaves:
+                    problems.append(
+                        f"features[{n!r}] depends on parameters of encoders[{j!r}]: feature "
+                        "mode needs disjoint encoders; use mode='parameter'"
+                    )
+            foreign = (leaves & model_params) - set().union(*group_ids.values())
+            if foreign:
+                problems.append(
+                    f"features[{n!r}] depends on {len(foreign)} trainable parameter(s) outside "
+                    f"encoders[{n!r}] (a shared input layer?): feature mode would scale their "
+                    "gradients too; add them to the group or use mode='parameter'"
+                )
+        if problems:
+            raise ConfigurationError(problems)
+
+    def _world(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return int(dist.get_world_size(self.process_group))
+
+    def _reduce(self, t: Tensor) -> Tensor:
+        if self._world() == 1:
+            return t
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group)
+        return t
+
+    def _loss_scale(self) -> Tensor | None:
+        s = self.grad_scaler
+        if s is None or not s.is_enabled():
+            return None
+        scale = getattr(s, "_scale", None)
+        if scale is None:
+            raise StepError(
+                "grad_scaler has no scale yet: call scaler.scale(loss) before entering the block"
+            )
+        return scale  # type: ignore[no-any-return]
+
+    @torch.no_grad()
+    def _accumulate(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
+        if not pairs:
+            return
+        grads = [g for _, g in pairs]
+        world = self._world()
+        if world > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
+            flat /= world
+            grads = [
+                f.view_as(g)
+                for f, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)
+            ]
+        scale = self._loss_scale()
+        for (p, _), g in zip(pairs, grads, strict=True):
+            g = g * scale.to(g.dtype) if scale is not None else g
+            if p.grad is None:
+                p.grad = g.to(p.dtype).clone()
+            else:
+                p.grad.add_(g.to(p.grad.dtype))
+
+    def _register(self, features: Mapping[str, Tensor], extra: list[tuple[Tensor, Tensor]]) -> None:
+        if self.mode == "parameter":
+            for view, n in zip(self._views, self.names, strict=True):
+                scale = view.mul  # bound method: no Python frame per gradient
+                for p in self._binding.groups[n]:
+                    self._handles.append(p.register_hook(scale))
+        else:
+            for view, n in zip(self._views, self.names, strict=True):
+                self._handles.append(features[n].register_hook(view.mul))
+        loss_scale = self._loss_scale()
+        for t, g in extra:
+            g = g * loss_scale.to(g.dtype) if loss_scale is not None else g
+            self._fired.append(False)
+            self._handles.append(t.register_hook(self._adder(g, len(self._fired) - 1)))
+
+    def _adder(self, g: Tensor, slot: int) -> Callable[[Tensor], Tensor]:
+        fired = self._fired
+
+        def add(grad: Tensor) -> Tensor:
+            fired[slot] = True
+            return grad + g.to(grad.dtype)
+
+        return add

@@ -1,0 +1,210 @@
+"""Resolve explicitly declared modality groups to parameter lists, collecting every problem."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["EncoderSpec", "FusionSpec", "unwrap", "resolve_fusion", "resolve_groups"]
+
+#: How a modality's encoder is named: the module itself, a dotted submodule path inside the model
+#: (exact, as in ``model.get_submodule``), or an explicit iterable of parameters.
+EncoderSpec = nn.Module | str | Iterable[nn.Parameter]
+#: The fusion head for CGGM's direction loss: a module or dotted path (its last weight matrix is
+#: used), or a tensor.
+FusionSpec = nn.Module | str | Tensor
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DistributedDataParallel / DataParallel / torch.compile wrappers (same parameters)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+            continue
+        return model
+
+
+def _lookup(root: nn.Module, path: str) -> nn.Module | Tensor | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        pass
+    try:
+        return root.get_parameter(path)
+    except AttributeError:
+        return None
+
+
+def _children_hint(root: nn.Module) -> str:
+    names = [n for n, _ in root.named_children()]
+    return ", ".join(repr(n) for n in names[:12]) + (" ..." if len(names) > 12 else "")
+
+
+def resolve_groups(
+    model: nn.Module | None,
+    encoders: Mapping[str, EncoderSpec],
+    problems: list[str],
+    *,
+    allow_frozen: bool = False,
+) -> dict[str, list[nn.Parameter]]:
+    """Map each modality name to its (deduplicated, ordered) encoder parameters.
+
+    Appends a readable message to ``problems`` for every path that matches nothing, empty group,
+    frozen parameter, parameter outside ``model`` and parameter claimed by two groups.
+    """
+    root = unwrap(model) if model is not None else None
+    in_model = {id(p) for p in root.parameters()} if root is not None else None
+    groups: dict[str, list[nn.Parameter]] = {}
+    owner: dict[int, str] = {}
+    for name, spec in encoders.items():
+        where = f"encoders[{name!r}]"
+        params: list[nn.Parameter]
+        if isinstance(spec, str):
+            if root is None:
+                problems.append(
+                    f"{where} is the path {spec!r} but no model was given to resolve it"
+                )
+                continue
+            found = _lookup(root, spec)
+            if found is None:
+                problems.append(
+                    f"{where} = {spec!r} matches no submodule or parameter of the model (paths are "
+                    f"exact, as in model.get_submodule); top-level children: {_children_hint(root)}"
+                )
+                continue
+            params = list(found.parameters()) if isinstance(found, nn.Module) else [found]  # type: ignore[list-item]
+        elif isinstance(spec, nn.Module):
+            params = list(spec.parameters())
+        elif isinstance(spec, Tensor):
+            problems.append(
+                f"{where} is a single tensor; pass a list of parameters, a module or a path"
+            )
+            continue
+        else:
+            try:
+                params = list(spec)
+            except TypeError:
+                problems.append(
+                    f"{where} has type {type(spec).__name__}; expected a module, a dotted path or "
+                    "an iterable of parameters"
+                )
+                continue
+        unique: list[nn.Parameter] = []
+        seen: set[int] = set()
+        for p in params:
+            if not isinstance(p, Tensor):
+                problems.append(f"{where} contains {type(p).__name__}, not a parameter tensor")
+                continue
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            unique.append(p)
+        if not unique:
+            problems.append(f"{where} has no parameters: every modality needs a non-empty encoder")
+            continue
+        frozen = sum(1 for p in unique if not p.requires_grad)
+        if frozen and not allow_frozen:
+            problems.append(
+                f"{where} has {frozen} frozen parameter(s) (requires_grad=False) that can never be "
+                "modulated; pass only trainable parameters, or allow_frozen=True to skip them"
+            )
+        unique = [p for p in unique if p.requires_grad]
+        if in_model is not None:
+            outside = sum(1 for p in unique if id(p) not in in_model)
+            if outside:
+                problems.append(
+                    f"{where} has {outside} parameter(s) that are not parameters of the model; "
+                    "pass the encoder that the model actually uses"
+                )
+        for p in unique:
+            other = owner.get(id(p))
+            if other is not None and other != name:
+                problems.append(
+                    f"encoders[{other!r}] and {where} share a parameter of shape "
+                    f"{tuple(p.shape)}: modality groups must not overlap"
+                )
+                break
+            owner[id(p)] = name
+        groups[name] = unique
+    return groups
+
+
+def last_weight_matrix(module: nn.Module) -> Tensor | None:
+    """The last parameter of ``module`` with two or more dimensions (its output layer's weight)."""
+    found: Tensor | None = None
+    for p in module.parameters():
+        if p.dim() >= 2:
+            found = p
+    return found
+
+
+def resolve_fusion(
+    model: nn.Module | None, fusion: FusionSpec, problems: list[str]
+) -> Tensor | None:
+    """The fusion tensor ``u`` of CGGM's direction loss."""
+    target: nn.Module | Tensor | None
+    if isinstance(fusion, str):
+        root = unwrap(model) if model is not None else None
+        target = _lookup(root, fusion) if root is not None else None
+        if target is None:
+            problems.append(f"fusion = {fusion!r} matches no submodule or parameter of the model")
+            return None
+    else:
+        target = fusion
+    if isinstance(target, nn.Module):
+        w = last_weight_matrix(target)
+        if w is None:
+            problems.append("fusion module has no weight matrix (no parameter with >= 2 dims)")
+        return w
+    if isinstance(target, Tensor):
+        if not target.requires_grad:
+            problems.append(
+                "fusion tensor does not require grad: the direction loss cannot move it"
+            )
+        return target
+    problems.append(f"fusion has type {type(fusion).__name__}; expected a module, path or tensor")
+    return None
+
+
+def check_disjoint(
+    groups: Mapping[str, Sequence[Tensor]],
+    others: Mapping[str, Sequence[Tensor]],
+    problems: list[str],
+) -> None:
+    """Report any tensor of ``others`` (e.g. classifier or fusion weights) inside an encoder group."""
+    ids = {id(p): n for n, ps in groups.items() for p in ps}
+    for what, ts in others.items():
+        for t in ts:
+            if id(t) in ids:
+                problems.append(
+                    f"{what} is part of encoders[{ids[id(t)]!r}]; keep it outside the encoders"
+                )
+                break
+
+
+def reachable_leaves(root: Tensor) -> set[int]:
+    """ids of the leaf tensors whose gradient flows through ``root`` (autograd graph walk)."""
+    out: set[int] = set()
+    fn = root.grad_fn
+    if fn is None:
+        return out
+    stack = [fn]
+    seen: set[object] = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if isinstance(var, torch.Tensor):
+            out.add(id(var))
+        for nxt, _ in node.next_functions:
+            if nxt is not None:
+                stack.append(nxt)
+    return out

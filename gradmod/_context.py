@@ -29,6 +29,10 @@ Mode = Literal["parameter", "feature"]
 _MARK = "_gradmod_modulated"
 
 
+def _COEF_DTYPE(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class ModulationContext:
     r"""Modulates each modality encoder's gradients during the ``backward()`` inside its block.
 
@@ -162,7 +166,8 @@ class ModulationContext:
         self.grad_scaler = grad_scaler
         self.process_group = process_group
         self._model = unwrap(model) if model is not None else None
-        self._coeffs = torch.ones(len(names), device=device)
+        # float64: exact for float64 models; a 0-d factor never promotes a bf16/fp32 gradient.
+        self._coeffs = torch.ones(len(names), device=device, dtype=_COEF_DTYPE(device))
         self._views = [self._coeffs[i] for i in range(len(names))]
         self._handles: list[RemovableHandle] = []
         self._marked: list[Tensor] = []
@@ -224,7 +229,7 @@ class ModulationContext:
             self._mark()
             plan = self.method.plan(self._binding, feats, targets, self._reduce)
             with torch.no_grad():
-                c = plan.coefficients.detach().to(self._coeffs.device, torch.float32)
+                c = plan.coefficients.detach().to(self._coeffs.device, self._coeffs.dtype)
                 # Defensive: a non-finite coefficient never reaches a gradient (1 = untouched).
                 self._coeffs.copy_(torch.where(torch.isfinite(c), c, torch.ones_like(c)))
             self._accumulate(plan.accumulate)

@@ -18,16 +18,19 @@ def correct(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def sign_correct(predictions: Tensor, targets: Tensor) -> Tensor:
-    """1.0 where ``predictions > 0`` agrees with ``targets > 0`` (CGGM's regression metric), shape ``[B]``."""
-    p = predictions.reshape(predictions.shape[0], -1) if predictions.dim() > 1 else predictions
-    t = targets.reshape(targets.shape[0], -1) if targets.dim() > 1 else targets
+    """Per-sample agreement of ``predictions > 0`` with ``targets > 0``, shape ``[B]``.
+
+    CGGM's regression metric. Both are flattened per sample (``[B]`` and ``[B, 1]`` mix
+    freely); with several outputs per sample the agreement is averaged over them.
+    """
+    p = predictions.reshape(predictions.shape[0], -1)
+    t = targets.reshape(targets.shape[0], -1)
     if p.shape != t.shape:
         raise ValueError(
             f"sign_correct: predictions {tuple(predictions.shape)} and targets "
             f"{tuple(targets.shape)} do not match"
         )
-    agree = ((p > 0) == (t > 0)).to(predictions.dtype)
-    return agree.reshape(agree.shape[0], -1).mean(dim=1) if agree.dim() > 1 else agree
+    return ((p > 0) == (t > 0)).to(predictions.dtype).mean(dim=1)
 
 
 def accuracy(logits: Tensor, targets: Tensor) -> Tensor:

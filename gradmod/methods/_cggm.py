@@ -136,9 +136,10 @@ class CGGM(Method):
                 f"this CGGM instance holds state for {self.previous.numel()} modalities but is "
                 f"used with {m}; call reset() or use a new instance"
             )
-        self.previous = torch.zeros(m, device=device)
-        self.last_b = torch.full((m,), (m - 1) / m, device=device)
-        self.last_coefficients = torch.ones(m, device=device)
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.previous = torch.zeros(m, device=device, dtype=dtype)
+        self.last_b = torch.full((m,), (m - 1) / m, device=device, dtype=dtype)
+        self.last_coefficients = torch.ones(m, device=device, dtype=dtype)
         self.steps = self.steps.to(device)
 
     def plan(
@@ -164,7 +165,7 @@ class CGGM(Method):
                 out = clf(h)
                 losses.append(self.loss_fn(out, targets))
                 with torch.no_grad():
-                    score = self.metric(out, targets).to(torch.float32)
+                    score = self.metric(out, targets).to(self.previous.dtype)
                     n = (
                         score.new_tensor(float(score.numel()))
                         if score.dim()

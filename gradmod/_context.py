@@ -172,6 +172,7 @@ class ModulationContext:
         self._handles: list[RemovableHandle] = []
         self._marked: list[Tensor] = []
         self._fired: list[bool] = []
+        self._deferred: list[tuple[Tensor, Tensor]] = []
         self._active = False
         self._feature_checked = False
         self._pending: tuple[Mapping[str, Tensor] | None, Tensor | None] = (features, targets)
@@ -232,9 +233,10 @@ class ModulationContext:
                 c = plan.coefficients.detach().to(self._coeffs.device, self._coeffs.dtype)
                 # Defensive: a non-finite coefficient never reaches a gradient (1 = untouched).
                 self._coeffs.copy_(torch.where(torch.isfinite(c), c, torch.ones_like(c)))
-            self._accumulate(plan.accumulate)
             self._register(feats, plan.add_in_backward)
+            self._deferred = plan.accumulate
         except BaseException:
+            self._deferred = []
             self._release()
             raise
         self._active = True
@@ -247,8 +249,14 @@ class ModulationContext:
         tb: TracebackType | None,
     ) -> None:
         fired = list(self._fired)
+        deferred, self._deferred = self._deferred, []
         self._release()
-        if exc_type is None and not all(fired):
+        if exc_type is not None:
+            return
+        # The method's own gradients (CGGM: the classifiers' loss) land only after a clean
+        # backward, so a failing block leaves no partial gradient behind.
+        self._accumulate(deferred)
+        if not all(fired):
             raise StepError(
                 "the fusion tensor received no gradient inside the block, so CGGM's direction "
                 "loss was not applied: call loss.backward() inside the block with a loss that "

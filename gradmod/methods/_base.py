@@ -33,8 +33,9 @@ class StepPlan:
     Attributes:
         coefficients: one factor per modality, shape ``[M]``; the engine multiplies modality
             ``m``'s encoder gradients by ``coefficients[m]`` during backward.
-        accumulate: ``(tensor, grad)`` pairs added to ``tensor.grad`` when the step begins
-            (e.g. the unimodal classifiers' own loss); averaged over ranks under DDP and
+        accumulate: ``(tensor, grad)`` pairs added to ``tensor.grad`` when the block exits
+            without an exception (e.g. the unimodal classifiers' own loss); averaged over ranks
+            under DDP and
             multiplied by the loss scale of a ``GradScaler`` given to the engine.
         add_in_backward: ``(tensor, grad)`` pairs added to ``tensor``'s gradient during the
             user's backward, before accumulation (so before DDP's all-reduce); multiplied by

@@ -41,4 +41,4 @@ for _ in range(50):
     optimizer.step()
     optimizer.zero_grad()
 
-print(dict(zip(ctx.names, ctx.coefficients.tolist())))
+print(dict(zip(ctx.names, ctx.coefficients.tolist(), strict=True)))

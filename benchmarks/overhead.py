@@ -1,0 +1,547 @@
+"""Overhead of gradient modulation on a full training step, as paired ratios against a plain step.
+
+    python benchmarks/overhead.py                      # both models, default repetitions
+    python benchmarks/overhead.py --quick              # fast sanity run
+    python benchmarks/overhead.py --models mlp --reps 1000 --warmup 50
+
+Every variant trains its own copy of the same model (identical initialisation) with Adam. One
+timed sample is ``--inner`` full training steps (forward + loss + backward + optimizer step +
+zero_grad) of one variant, timed with ``time.perf_counter``. The variants are interleaved: each
+repetition times every variant once, in a freshly shuffled order, on the same batch, so slow
+phases of a shared machine hit all variants alike. Each repetition gives one paired ratio
+``variant / plain``; the table reports the median ratio with its interquartile range.
+
+Variants:
+
+* ``plain``: no modulation at all; a second, identical plain copy is timed too (A/A control):
+  its ratio is the noise floor of the table.
+* ``gradmod parameter``: ``ModulationContext(mode="parameter")`` entered around every backward.
+* ``gradmod feature``: ``ModulationContext(mode="feature")``.
+* ``official-style loop``: what the seed repositories do after ``backward()``: scan
+  ``model.named_parameters()``, match modalities by substring of the name and do
+  ``param.grad *= coeff`` (a Python float) per parameter.
+* ``CGGM full``: ``gradmod.CGGM`` with unimodal classifiers and the direction loss: the METHOD's
+  cost (M extra classifier forwards/backwards and the direction-loss gradient), not the engine's.
+
+The two gradmod engine rows use :class:`FixedCoefficients`, a method whose per-step work matches
+the official loop (the same cheaply varying coefficients, precomputed as ``[M]`` tensors, no
+classifiers), so they measure the hook engine alone against the official loop.
+
+Also printed: a distribution-free ~95 % confidence interval of each median ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import gradmod
+from gradmod import Binding, StepPlan
+
+__all__ = ["MODELS", "VARIANTS", "FixedCoefficients", "main"]
+
+N_CLASSES = 10
+NAMES = ("m0", "m1", "m2")
+PATHS = {n: f"encoders.{i}" for i, n in enumerate(NAMES)}
+
+PLAIN = "plain"
+CONTROL = "plain, 2nd copy (A/A noise control)"
+PARAM = "gradmod parameter mode"
+FEATURE = "gradmod feature mode"
+OFFICIAL = "official-style loop (named_parameters + substring, grad *= float)"
+CGGM_FULL = "CGGM full (METHOD cost: +3 MLP classifiers, direction loss; parameter mode)"
+VARIANTS = (PLAIN, CONTROL, PARAM, FEATURE, OFFICIAL, CGGM_FULL)
+
+
+# ------------------------------------------------------------------------------ coefficients
+CYCLE = 5
+
+
+def coefficient_values(step: int, m: int) -> list[float]:
+    """The cheaply varying coefficients of step ``step``: same formula for gradmod and the loop."""
+    return [1.0 + 0.01 * ((step + i) % CYCLE - 2) for i in range(m)]
+
+
+class FixedCoefficients(gradmod.Method):
+    """A method with no classifiers whose coefficients vary cheaply from step to step.
+
+    It cycles through :data:`CYCLE` precomputed ``[M]`` tensors (built on first use), the
+    tensor counterpart of the Python floats the official-style loop computes, so that a row
+    using it measures the hook engine alone, not the cost of building a tensor.
+    """
+
+    uses_classifiers = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = 0
+        self.table: list[Tensor] = []
+
+    def plan(
+        self,
+        binding: Binding,
+        features: Mapping[str, Tensor],
+        targets: Tensor,
+        reduce: Callable[[Tensor], Tensor],
+    ) -> StepPlan:
+        if not self.table:
+            m = len(binding.names)
+            self.table = [
+                torch.tensor(coefficient_values(s, m), device=binding.device) for s in range(CYCLE)
+            ]
+        self.step += 1
+        return StepPlan(self.table[self.step % CYCLE])
+
+
+# ------------------------------------------------------------------------------------ models
+class MultiModalNet(nn.Module):
+    """Three encoders (``encoders.0..2``), concatenated features, one linear head."""
+
+    def __init__(self, encoders: Sequence[nn.Module], feat_dim: int) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleList(encoders)
+        self.head = nn.Linear(feat_dim * len(encoders), N_CLASSES)
+
+    def forward(self, xs: Sequence[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        feats = {n: enc(x) for n, enc, x in zip(NAMES, self.encoders, xs, strict=True)}
+        return self.head(torch.cat(list(feats.values()), dim=1)), feats
+
+
+class TokenEncoder(nn.Module):
+    """Input projection, ``nn.TransformerEncoder``, mean pooling over the sequence."""
+
+    def __init__(self, in_dim: int, d_model: int, layers: int, heads: int, ff: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, d_model)
+        layer = nn.TransformerEncoderLayer(
+            d_model, heads, dim_feedforward=ff, dropout=0.1, batch_first=True
+        )
+        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(self.proj(x)).mean(dim=1)
+
+
+def mlp_encoder(in_dim: int, hidden: int, out: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, out),
+    )
+
+
+@dataclass
+class ModelSpec:
+    """A model and the shape of its batches."""
+
+    name: str
+    build: Callable[[], MultiModalNet]
+    batch: int
+    input_shapes: list[tuple[int, ...]]  # per modality, without the batch dimension
+    describe: str
+    reps: int  # default repetitions
+    warmup: int  # default warm-up repetitions
+    inner: int  # default steps per timed sample
+
+
+def build_spec(name: str, args: argparse.Namespace) -> ModelSpec:
+    if name == "mlp":
+        dims = (32, 64, 128)
+        h, out = args.mlp_hidden, args.mlp_out
+        return ModelSpec(
+            name,
+            lambda: MultiModalNet([mlp_encoder(d, h, out) for d in dims], out),
+            args.mlp_batch,
+            [(d,) for d in dims],
+            f"3 MLP encoders {list(dims)}->{h}->{h}->{out}, concat, linear head; "
+            f"batch {args.mlp_batch}",
+            reps=300,
+            warmup=20,
+            inner=5,
+        )
+    if name == "transformer":
+        dims = (40, 64, 128)
+        d, layers, ff, seq = args.tf_d_model, args.tf_layers, args.tf_ff, args.tf_seq
+        heads = max(1, d // 64)
+        return ModelSpec(
+            name,
+            lambda: MultiModalNet([TokenEncoder(i, d, layers, heads, ff) for i in dims], d),
+            args.tf_batch,
+            [(seq, i) for i in dims],
+            f"3 nn.TransformerEncoder encoders (inputs {list(dims)}, d_model {d}, {layers} "
+            f"layers, {heads} heads, ff {ff}), mean pool, concat, linear head; batch "
+            f"{args.tf_batch} x seq {seq}",
+            reps=70,
+            warmup=3,
+            inner=1,
+        )
+    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+MODELS = ("mlp", "transformer")
+
+
+# ---------------------------------------------------------------------------------- variants
+Batch = tuple[list[Tensor], Tensor]
+
+
+@dataclass
+class Variant:
+    name: str
+    step: Callable[[Batch], None]
+    times: list[float] = field(default_factory=list)
+
+
+def make_variants(base: MultiModalNet, device: torch.device) -> list[Variant]:
+    """One independent copy of ``base`` (same initialisation) per variant, each with Adam."""
+
+    def fresh() -> MultiModalNet:
+        return copy.deepcopy(base).to(device)
+
+    # (1) plain, and a second plain copy whose ratio shows the noise floor
+    def plain_step() -> Callable[[Batch], None]:
+        model = fresh()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def step(batch: Batch) -> None:
+            xs, y = batch
+            logits, _ = model(xs)
+            F.cross_entropy(logits, y).backward()
+            opt.step()
+            opt.zero_grad()
+
+        return step
+
+    # (2), (3) gradmod with the engine-only method
+    def gradmod_step(mode: gradmod.Mode) -> Callable[[Batch], None]:
+        model = fresh()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        ctx = gradmod.ModulationContext(
+            model, encoders=PATHS, method=FixedCoefficients(), mode=mode
+        )
+
+        def step(batch: Batch) -> None:
+            xs, y = batch
+            logits, feats = model(xs)
+            loss = F.cross_entropy(logits, y)
+            with ctx(features=feats, targets=y):
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+        return step
+
+    # (4) the seed repositories' loop
+    m_off = fresh()
+    opt_off = torch.optim.Adam(m_off.parameters(), lr=1e-4)
+    keys = list(PATHS.values())
+    counter = [0]
+
+    def official(batch: Batch) -> None:
+        xs, y = batch
+        logits, _ = m_off(xs)
+        F.cross_entropy(logits, y).backward()
+        counter[0] += 1
+        coeffs = coefficient_values(counter[0], len(keys))
+        for name, param in m_off.named_parameters():
+            if param.grad is None:
+                continue
+            for key, c in zip(keys, coeffs, strict=True):
+                if key in name:
+                    param.grad *= c
+                    break
+        opt_off.step()
+        opt_off.zero_grad()
+
+    # (5) the full method: CGGM with classifiers and the direction loss
+    m_cggm = fresh()
+    fused = m_cggm.head.in_features
+    feat_dim = fused // len(NAMES)
+    # The direction loss compares each classifier's last weight matrix with the fusion head's,
+    # so each classifier ends in a layer of the head's shape (as in the official code).
+    classifiers = {
+        n: nn.Sequential(nn.Linear(feat_dim, fused), nn.ReLU(), nn.Linear(fused, N_CLASSES)).to(
+            device
+        )
+        for n in NAMES
+    }
+    ctx_cggm = gradmod.ModulationContext(
+        m_cggm,
+        classifiers,
+        encoders=PATHS,
+        method=gradmod.CGGM(rho=1.3, lam=0.2),
+        fusion="head",
+        mode="parameter",
+    )
+    opt_cggm = torch.optim.Adam([*m_cggm.parameters(), *ctx_cggm.classifier_parameters()], lr=1e-4)
+
+    def cggm(batch: Batch) -> None:
+        xs, y = batch
+        logits, feats = m_cggm(xs)
+        loss = F.cross_entropy(logits, y)
+        with ctx_cggm(features=feats, targets=y):
+            loss.backward()
+        opt_cggm.step()
+        opt_cggm.zero_grad()
+
+    return [
+        Variant(PLAIN, plain_step()),
+        Variant(CONTROL, plain_step()),
+        Variant(PARAM, gradmod_step("parameter")),
+        Variant(FEATURE, gradmod_step("feature")),
+        Variant(OFFICIAL, official),
+        Variant(CGGM_FULL, cggm),
+    ]
+
+
+# ---------------------------------------------------------------------------------- measuring
+def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def median_ci(xs: Sequence[float]) -> tuple[float, float]:
+    """Distribution-free ~95 % confidence interval of the median (order statistics)."""
+    v = sorted(xs)
+    n = len(v)
+    half = 0.98 * math.sqrt(n)  # 1.96 * sqrt(n) / 2: normal approximation of Binomial(n, 1/2)
+    lo = max(0, math.floor(n / 2 - half))
+    hi = min(n - 1, math.ceil(n / 2 + half) - 1)
+    return v[lo], v[hi]
+
+
+@dataclass
+class Row:
+    variant: str
+    median_ms: float
+    ratio: float
+    q1: float
+    q3: float
+    ci: tuple[float, float]
+
+    @property
+    def overhead_pct(self) -> float:
+        return (self.ratio - 1.0) * 100.0
+
+
+def run_model(
+    spec: ModelSpec,
+    *,
+    reps: int,
+    warmup: int,
+    inner: int,
+    n_batches: int,
+    device: torch.device,
+    rng: random.Random,
+) -> tuple[list[Row], int, float]:
+    torch.manual_seed(0)
+    base = spec.build()
+    n_params = sum(p.numel() for p in base.parameters())
+    variants = make_variants(base, device)
+    batches: list[Batch] = [
+        (
+            [torch.randn(spec.batch, *s, device=device) for s in spec.input_shapes],
+            torch.randint(0, N_CLASSES, (spec.batch,), device=device),
+        )
+        for _ in range(n_batches)
+    ]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def sample(v: Variant, r: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        for k in range(inner):
+            v.step(batches[(r * inner + k) % n_batches])
+        sync()
+        return (time.perf_counter() - t0) / inner
+
+    order = list(variants)
+    for r in range(warmup):
+        rng.shuffle(order)
+        for v in order:
+            sample(v, r)
+    gc.collect()
+    t_start = time.perf_counter()
+    for r in range(reps):
+        rng.shuffle(order)
+        for v in order:
+            v.times.append(sample(v, r))
+    elapsed = time.perf_counter() - t_start
+
+    plain = variants[0].times
+    rows = []
+    for v in variants:
+        ratios = [t / p for t, p in zip(v.times, plain, strict=True)]
+        q1, med, q3 = quartiles(ratios)
+        ci = median_ci(ratios)
+        rows.append(Row(v.name, statistics.median(v.times) * 1e3, med, q1, q3, ci))
+    return rows, n_params, elapsed
+
+
+def markdown(rows: Sequence[Row]) -> str:
+    lines = [
+        "| variant | median step (ms) | ratio vs plain (median [IQR]) | overhead % |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.variant} | {row.median_ms:.3f} | "
+            f"{row.ratio:.4f} [{row.q1:.4f}, {row.q3:.4f}] | {row.overhead_pct:+.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def ci_line(rows: Sequence[Row]) -> str:
+    parts = [f"{r.variant.split(' (')[0]} [{r.ci[0]:.4f}, {r.ci[1]:.4f}]" for r in rows[1:]]
+    return "95 % CI of the median ratio: " + "; ".join(parts)
+
+
+def source_info() -> str:
+    """Where gradmod was imported from, and its git revision when it is a checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(gradmod.__file__)))
+    info = f"gradmod {gradmod.__version__} from {root}"
+    try:
+        rev = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--", "gradmod"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return info
+    if rev.returncode == 0:
+        info += (
+            f" (git {rev.stdout.strip()}{', gradmod/ modified' if dirty.stdout.strip() else ''})"
+        )
+    return info
+
+
+def machine_info() -> str:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return (
+        f"{platform.platform()}; CPU {cpu}; {os.cpu_count()} logical cores; "
+        f"load average {load}; Python {platform.python_version()}"
+    )
+
+
+# -------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--models", default="mlp,transformer", help="comma-separated: mlp,transformer")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default per model)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed repetitions (default per model)"
+    )
+    p.add_argument("--inner", type=int, default=None, help="steps per timed sample")
+    p.add_argument("--quick", action="store_true", help="few repetitions: a sanity run")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffled orders")
+    p.add_argument("--batches", type=int, default=4, help="distinct batches, cycled")
+    p.add_argument("--mlp-hidden", type=int, default=128)
+    p.add_argument("--mlp-out", type=int, default=64)
+    p.add_argument("--mlp-batch", type=int, default=64)
+    p.add_argument("--tf-d-model", type=int, default=256)
+    p.add_argument("--tf-layers", type=int, default=3)
+    p.add_argument("--tf-ff", type=int, default=1536)
+    p.add_argument("--tf-seq", type=int, default=32)
+    p.add_argument("--tf-batch", type=int, default=16)
+    args = p.parse_args(argv)
+    for name in ("reps", "warmup", "inner"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            p.error(f"--{name} must be at least {0 if name == 'warmup' else 1}; got {value}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, list[Row]]:
+    """Run the benchmark, print one Markdown table per model, return the rows per model."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if argv is None:
+        cmd = " ".join(["python", *sys.argv])
+    else:
+        cmd = f"main([{', '.join(repr(a) for a in argv)}])"
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    results: dict[str, list[Row]] = {}
+    try:
+        print(f"command: {cmd}")
+        print(
+            f"torch {torch.__version__}; threads {torch.get_num_threads()} "
+            f"(torch.set_num_threads); device {device}"
+        )
+        print(source_info())
+        print(f"machine: {machine_info()}")
+        rng = random.Random(args.seed)
+        t_all = time.perf_counter()
+        for name in names:
+            spec = build_spec(name, args)
+            reps = args.reps if args.reps is not None else (5 if args.quick else spec.reps)
+            warmup = args.warmup if args.warmup is not None else (1 if args.quick else spec.warmup)
+            inner = args.inner if args.inner is not None else spec.inner
+            rows, n_params, elapsed = run_model(
+                spec,
+                reps=reps,
+                warmup=warmup,
+                inner=inner,
+                n_batches=max(1, args.batches),
+                device=device,
+                rng=rng,
+            )
+            results[name] = rows
+            print()
+            print(f"### {name}: {n_params:,} parameters")
+            print(f"{spec.describe}; Adam")
+            print(
+                f"{reps} interleaved repetitions x {inner} step(s) per sample, {warmup} warm-up; "
+                f"timed part {elapsed:.1f} s"
+            )
+            print()
+            print(markdown(rows))
+            print()
+            print(ci_line(rows))
+        print()
+        print(f"total wall time {time.perf_counter() - t_all:.1f} s")
+    finally:
+        torch.set_num_threads(old_threads)
+    return results
+
+
+if __name__ == "__main__":
+    main()

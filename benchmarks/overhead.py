@@ -43,7 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gradmod
-from gradmod import Binding, StepPlan
+from gradmod import Binding, Step, StepPlan
 
 __all__ = ["MODELS", "VARIANTS", "FixedCoefficients", "main"]
 
@@ -85,20 +85,12 @@ class FixedCoefficients(gradmod.Method):
     using it measures the hook engine alone, not the cost of building a tensor.
     """
 
-    uses_classifiers = False
-
     def __init__(self) -> None:
         super().__init__()
         self.step = 0
         self.table: list[Tensor] = []
 
-    def plan(
-        self,
-        binding: Binding,
-        features: Mapping[str, Tensor],
-        targets: Tensor,
-        reduce: Callable[[Tensor], Tensor],
-    ) -> StepPlan:
+    def plan(self, binding: Binding, step: Step) -> StepPlan:
         if not self.table:
             m = len(binding.names)
             self.table = [

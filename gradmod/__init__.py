@@ -31,7 +31,7 @@ by a per-step coefficient chosen by a published method, inside your own training
 from . import functional
 from ._context import Mode, ModulationContext
 from ._errors import ConfigurationError, GradmodError, StepError
-from .methods import CGGM, Binding, Method, StepPlan
+from .methods import CGGM, Binding, Injection, Method, Step, StepPlan, Targets
 
 __version__ = "0.1.0"
 
@@ -40,11 +40,14 @@ __all__ = [
     "Binding",
     "ConfigurationError",
     "GradmodError",
+    "Injection",
     "Method",
     "Mode",
     "ModulationContext",
+    "Step",
     "StepError",
     "StepPlan",
+    "Targets",
     "__version__",
     "functional",
 ]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from ._errors import ConfigurationError, StepError
 from ._groups import (
@@ -21,15 +20,16 @@ from ._groups import (
     resolve_groups,
     unwrap,
 )
-from .methods import CGGM, Binding, Method
+from ._hooks import HookSet
+from .methods import CGGM, Binding, Method, Step, StepPlan, Targets
 
-__all__ = ["ModulationContext"]
+__all__ = ["Mode", "ModulationContext"]
 
 Mode = Literal["parameter", "feature"]
 _MARK = "_gradmod_modulated"
 
 
-def _COEF_DTYPE(device: torch.device) -> torch.dtype:
+def _coef_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
@@ -51,31 +51,35 @@ class ModulationContext:
     On entering, the method reads the features (CGGM: its classifiers on the detached
     features) and decides one coefficient per modality; the engine then registers, for the
     duration of the block only, hooks that multiply encoder ``m``'s gradients by that
-    coefficient. Hooks are removed on exit, also when the block raises.
+    coefficient. Hooks are removed on exit, also when the block raises. Every method is used
+    the same way; switching method is changing the ``method=`` argument.
 
     Args:
         model: the user's model (may be wrapped in DDP, DataParallel or ``torch.compile``).
             Dotted paths are resolved in it, and encoder parameters must belong to it.
-        classifiers: modality name -> unimodal classifier (methods that use them, e.g. CGGM).
+        classifiers: modality name -> unimodal head. CGGM: auxiliary classifiers fed the
+            detached features; MLB / MultiLoss: heads on the live features, part of the
+            objective; OGM-GE: the per-modality linears of a "sum" fusion head.
         encoders: modality name -> encoder, as a module, an exact dotted submodule path of
             ``model`` or an iterable of parameters. Default: each classifier key is the path
             of its encoder in ``model`` (``{"audio": "audio"}``). Never substring matching.
         method: the modulation method, which keeps the cross-step state; default ``CGGM()``.
-        fusion: the fusion head for CGGM's direction loss (module, path or tensor); ``None``
-            turns the direction loss off.
-        mode: ``"parameter"`` (default) hooks every encoder parameter (exact in all cases);
-            ``"feature"`` hooks each encoder's output tensor instead, one multiply per modality
-            at almost no cost. Feature mode is exact **provided encoder m's parameters receive
-            gradient only through features[m]**; at the first step the engine walks the
-            autograd graph and refuses a feature that depends on another group's parameters
-            or on trainable parameters outside its group, and a group parameter that does not
-            feed its feature. It cannot see a loss that reads an encoder's inner activations
-            directly: use parameter mode then.
+        fusion: the fusion head (module, path or tensor): the tensor moved by a direction loss
+            (its last weight matrix), OGM-GE's linear head, MLB's sliced head. ``None``: none.
+        mode: how encoder gradients are scaled. ``"parameter"`` (the default) hooks every
+            encoder parameter (exact in all cases); ``"feature"`` hooks each encoder's output
+            tensor instead, one multiply per modality at almost no cost. Feature mode is exact
+            **provided encoder m's parameters receive gradient only through features[m]**; at
+            the first step the engine walks the autograd graph and refuses a feature that
+            depends on another group's parameters or on trainable parameters outside its
+            group, and a group parameter that does not feed its feature. It cannot see a loss
+            that reads an encoder's inner activations directly: use parameter mode then.
+            Methods that scale their responses (AGM) take no mode.
         grad_scaler: the ``torch.amp.GradScaler`` that scales the loss, if any: gradients the
-            method adds itself (classifier loss, direction loss) are scaled alike, so that after
+            method adds itself (head losses, direction loss) are scaled alike, so that after
             ``scaler.unscale_`` every gradient equals the run without a scaler.
-        process_group: the ``torch.distributed`` group over which metric counts and classifier
-            gradients are reduced (default: the world, when initialised with > 1 rank).
+        process_group: the ``torch.distributed`` group over which scores and head gradients
+            are reduced (default: the world, when initialised with > 1 rank).
         allow_frozen: skip, instead of refusing, frozen parameters in an encoder group.
         features, targets: this step's inputs, for one-shot use; usually given by calling the
             context, ``with ctx(features=..., targets=...)``.
@@ -92,7 +96,7 @@ class ModulationContext:
         encoders: Mapping[str, EncoderSpec] | None = None,
         method: Method | None = None,
         fusion: FusionSpec | None = None,
-        mode: Mode = "parameter",
+        mode: Mode | None = None,
         grad_scaler: Any = None,
         process_group: Any = None,
         allow_frozen: bool = False,
@@ -101,8 +105,15 @@ class ModulationContext:
     ) -> None:
         self.method: Method = method if method is not None else CGGM()
         problems: list[str] = []
-        if mode not in ("parameter", "feature"):
+        who = type(self.method).__name__
+        if mode not in (None, "parameter", "feature"):
             problems.append(f"mode must be 'parameter' or 'feature'; got {mode!r}")
+        if self.method.level == "responses" and mode is not None:
+            problems.append(
+                f"{who} scales the gradient of the responses handed to it as features; "
+                f"mode={mode!r} does not apply: leave mode unset"
+            )
+        resolved_mode: Mode = "feature" if mode == "feature" else "parameter"
         if encoders is None:
             if classifiers is None:
                 raise ConfigurationError(
@@ -113,69 +124,109 @@ class ModulationContext:
                 )
             encoders = {name: name for name in classifiers}
         names = tuple(encoders)
-        if len(names) < 2:
-            problems.append(
-                f"modulation needs at least 2 modalities; got {len(names)} ({list(names)})"
-            )
+        lo, hi = self.method.min_modalities, self.method.max_modalities
+        if len(names) < lo or (hi is not None and len(names) > hi):
+            allowed = f"{lo} to {hi}" if hi is not None else f"at least {lo}"
+            problems.append(f"{who} needs {allowed} modalities; got {len(names)} ({list(names)})")
         groups = resolve_groups(model, encoders, problems, allow_frozen=allow_frozen)
-
-        clfs: dict[str, nn.Module] | None = None
-        if classifiers is not None:
-            missing = [n for n in names if n not in classifiers]
-            extra = [k for k in classifiers if k not in encoders]
-            if missing or extra:
-                problems.append(
-                    f"classifier keys {sorted(classifiers)} do not match encoder keys "
-                    f"{list(names)} (missing: {missing}, unknown: {extra})"
-                )
-            bad = [k for k, c in classifiers.items() if not isinstance(c, nn.Module)]
-            if bad:
-                problems.append(f"classifiers {bad} are not nn.Module instances")
-            clfs = {k: c for k, c in classifiers.items() if isinstance(c, nn.Module)}
-        if self.method.uses_classifiers and classifiers is None:
-            problems.append(
-                f"{type(self.method).__name__} needs one unimodal classifier per modality: pass "
-                "classifiers={name: module}"
-            )
-        u = resolve_fusion(model, fusion, problems) if fusion is not None else None
+        clfs = self._resolve_classifiers(classifiers, names, problems)
+        fusion_module, u = (
+            resolve_fusion(model, fusion, problems) if fusion is not None else (None, None)
+        )
 
         others: dict[str, list[Tensor]] = {}
-        if clfs is not None:
-            for k, c in clfs.items():
-                others[f"a parameter of classifiers[{k!r}]"] = list(c.parameters())
+        for k, c in (clfs or {}).items():
+            others[f"a parameter of classifiers[{k!r}]"] = list(c.parameters())
         if u is not None:
             others["the fusion tensor"] = [u]
         check_disjoint(groups, others, problems)
-        if isinstance(model, nn.parallel.DistributedDataParallel) and clfs is not None:
+        if (
+            isinstance(model, nn.parallel.DistributedDataParallel)
+            and clfs is not None
+            and self.method.trains_classifiers
+        ):
             in_ddp = {id(p) for p in model.parameters()}
             if any(id(p) in in_ddp for c in clfs.values() for p in c.parameters()):
                 problems.append(
-                    "the classifiers are inside the DDP-wrapped model, but they never receive "
-                    "gradient from its forward (DDP would wait for them); keep them outside the "
-                    "DDP module: gradmod all-reduces their gradients itself"
+                    f"the classifiers are inside the DDP-wrapped model, but {who} trains them "
+                    "outside its forward (DDP would wait for their gradients); keep them outside "
+                    "the DDP module: gradmod all-reduces their gradients itself"
                 )
 
         device = next((p.device for ps in groups.values() for p in ps), torch.device("cpu"))
-        self._binding = Binding(names, groups, clfs, u, device)
+        self._binding = Binding(names, groups, clfs, fusion_module, u, resolved_mode, device)
         if not problems:
             problems.extend(self.method.check(self._binding))
+        self._targets = self._resolve_targets(problems) if not problems else None
         if problems:
             raise ConfigurationError(problems)
+        assert self._targets is not None
 
-        self.mode: Mode = mode
+        self.mode: Mode = resolved_mode
         self.grad_scaler = grad_scaler
         self.process_group = process_group
         self._model = unwrap(model) if model is not None else None
         # float64: exact for float64 models; a 0-d factor never promotes a bf16/fp32 gradient.
-        self._coeffs = torch.ones(len(names), device=device, dtype=_COEF_DTYPE(device))
-        self._views = [self._coeffs[i] for i in range(len(names))]
-        self._handles: list[RemovableHandle] = []
+        self._coeffs = torch.ones(len(names), device=device, dtype=_coef_dtype(device))
+        self._hooks = HookSet(self._coeffs)
         self._marked: list[Tensor] = []
-        self._fired: list[bool] = []
         self._deferred: list[tuple[Tensor, Tensor]] = []
         self._active = False
         self._feature_checked = False
-        self._pending: tuple[Mapping[str, Tensor] | None, Tensor | None] = (features, targets)
+        self._pending: tuple[Mapping[str, Tensor] | None, Tensor | None, bool] = (
+            features,
+            targets,
+            True,
+        )
+
+    def _resolve_classifiers(
+        self,
+        classifiers: Mapping[str, nn.Module] | None,
+        names: tuple[str, ...],
+        problems: list[str],
+    ) -> dict[str, nn.Module] | None:
+        who = type(self.method).__name__
+        use = self.method.classifier_use
+        if classifiers is None:
+            if use == "required":
+                problems.append(
+                    f"{who} needs one unimodal classifier per modality: pass classifiers={{name: module}}"
+                )
+            return None
+        if use == "unused":
+            problems.append(
+                f"{who} uses no unimodal classifiers, but classifiers were given: drop them "
+                "(nothing would read them)"
+            )
+        missing = [n for n in names if n not in classifiers]
+        extra = [k for k in classifiers if k not in names]
+        if missing or extra:
+            problems.append(
+                f"classifier keys {sorted(classifiers)} do not match encoder keys "
+                f"{list(names)} (missing: {missing}, unknown: {extra})"
+            )
+        bad = [k for k, c in classifiers.items() if not isinstance(c, nn.Module)]
+        if bad:
+            problems.append(f"classifiers {bad} are not nn.Module instances")
+        return {k: c for k, c in classifiers.items() if isinstance(c, nn.Module)}
+
+    def _resolve_targets(self, problems: list[str]) -> Targets | None:
+        b = self._binding
+        targets = self.method.targets(b)
+        for n in b.names:
+            chosen = list(targets.encoders.get(n, ()))
+            if not chosen and self.method.level == "encoders":
+                problems.append(
+                    f"{type(self.method).__name__} selects no tensor of encoders[{n!r}] to "
+                    "modulate: check its parameter filter"
+                )
+            if b.mode == "feature" and {id(t) for t in chosen} != {id(p) for p in b.groups[n]}:
+                problems.append(
+                    f"feature mode scales the whole of encoders[{n!r}], but "
+                    f"{type(self.method).__name__} modulates only part of it: use "
+                    "mode='parameter'"
+                )
+        return targets
 
     # ----------------------------------------------------------------------------------- API
     @property
@@ -189,13 +240,23 @@ class ModulationContext:
         return self._coeffs.detach().clone()
 
     def parameters(self) -> dict[str, list[nn.Parameter]]:
-        """The modulated parameters of each modality."""
+        """The encoder parameters of each modality."""
         return {n: list(ps) for n, ps in self._binding.groups.items()}
 
     def classifier_parameters(self) -> list[nn.Parameter]:
-        """All classifier parameters (to hand to an optimizer)."""
+        """The parameters of the heads that the method trains (to hand to an optimizer).
+
+        Empty when the method does not train heads of its own (OGM-GE's sum-head parts belong
+        to the model and are already among its parameters).
+        """
         cl = self._binding.classifiers or {}
+        if not self.method.trains_classifiers:
+            return []
         return [p for n in self.names if n in cl for p in cl[n].parameters()]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the method the current epoch (OGM-GE's modulation window counts epochs)."""
+        self.method.set_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
         """The method's cross-step state (classifiers are the user's modules: save them too)."""
@@ -205,10 +266,23 @@ class ModulationContext:
         self.method.load_state_dict(state_dict)
 
     def __call__(
-        self, features: Mapping[str, Tensor] | None = None, targets: Tensor | None = None
+        self,
+        features: Mapping[str, Tensor] | None = None,
+        targets: Tensor | None = None,
+        *,
+        boundary: bool = True,
     ) -> ModulationContext:
-        """Give this step's encoder outputs and targets; returns the context to enter."""
-        self._pending = (features, targets)
+        """Give this step's inputs; returns the context to enter.
+
+        Args:
+            features: modality -> this step's encoder output (live, in the graph); for
+                response-level methods (AGM), the mono-modal responses.
+            targets: this step's labels or regression targets.
+            boundary: ``False`` for the earlier micro-batches of a gradient-accumulation
+                window, ``True`` (default) for the backward after which the optimizer steps.
+                Only methods that act once per optimizer step (OGM-GE's noise) read it.
+        """
+        self._pending = (features, targets, boundary)
         return self
 
     def __repr__(self) -> str:
@@ -221,19 +295,17 @@ class ModulationContext:
     def __enter__(self) -> ModulationContext:
         if self._active:
             raise RuntimeError("this ModulationContext is already active: contexts do not nest")
-        features, targets = self._pending
-        self._pending = (None, None)
-        self._check_step(features, targets)
+        features, targets, boundary = self._pending
+        self._pending = (None, None, True)
+        loss_scale = self._check_step(features, targets)
         assert targets is not None
         feats: Mapping[str, Tensor] = features or {}
         try:
             self._mark()
-            plan = self.method.plan(self._binding, feats, targets, self._reduce)
-            with torch.no_grad():
-                c = plan.coefficients.detach().to(self._coeffs.device, self._coeffs.dtype)
-                # Defensive: a non-finite coefficient never reaches a gradient (1 = untouched).
-                self._coeffs.copy_(torch.where(torch.isfinite(c), c, torch.ones_like(c)))
-            self._register(feats, plan.add_in_backward)
+            step = Step(feats, targets, self._reduce, boundary, loss_scale)
+            plan = self.method.plan(self._binding, step)
+            self._set_coefficients(plan)
+            self._register(feats, plan, loss_scale)
             self._deferred = plan.accumulate
         except BaseException:
             self._deferred = []
@@ -248,30 +320,39 @@ class ModulationContext:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        fired = list(self._fired)
+        missed = self._hooks.missed()
         deferred, self._deferred = self._deferred, []
         self._release()
         if exc_type is not None:
             return
-        # The method's own gradients (CGGM: the classifiers' loss) land only after a clean
-        # backward, so a failing block leaves no partial gradient behind.
+        # The method's own gradients (head losses) land only after a clean backward, so a
+        # failing block leaves no partial gradient behind.
         self._accumulate(deferred)
-        if not all(fired):
+        if missed:
             raise StepError(
-                "the fusion tensor received no gradient inside the block, so CGGM's direction "
-                "loss was not applied: call loss.backward() inside the block with a loss that "
-                "uses the fusion head, or pass fusion=None"
+                f"{', '.join(missed)} received no gradient inside the block, so "
+                f"{type(self.method).__name__}'s extra gradient was lost: call loss.backward() "
+                "inside the block with a loss that uses it"
             )
 
+    def _set_coefficients(self, plan: StepPlan) -> None:
+        c = plan.coefficients
+        if c.shape != self._coeffs.shape:
+            raise RuntimeError(
+                f"{type(self.method).__name__}.plan returned coefficients of shape "
+                f"{tuple(c.shape)}; expected {tuple(self._coeffs.shape)}"
+            )
+        with torch.no_grad():
+            c = c.detach().to(self._coeffs.device, self._coeffs.dtype)
+            # Defensive: a non-finite coefficient never reaches a gradient (1 = untouched).
+            self._coeffs.copy_(torch.where(torch.isfinite(c), c, torch.ones_like(c)))
+
     def _release(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.release()
         for t in self._marked:
             if hasattr(t, _MARK):
                 delattr(t, _MARK)
         self._marked.clear()
-        self._fired.clear()
         self._active = False
 
     def _mark(self) -> None:
@@ -285,13 +366,22 @@ class ModulationContext:
             setattr(p, _MARK, True)
             self._marked.append(p)
 
-    def _check_step(self, features: Mapping[str, Tensor] | None, targets: Tensor | None) -> None:
+    def _hooks_features(self) -> bool:
+        m = self.method
+        return self.mode == "feature" or m.level == "responses" or m.injects_into_features
+
+    def _check_step(
+        self, features: Mapping[str, Tensor] | None, targets: Tensor | None
+    ) -> Tensor | None:
+        """Validate one step's inputs before anything is touched; returns the loss scale."""
         problems: list[str] = []
         if targets is None:
             problems.append("no targets for this step: enter with ctx(features=..., targets=y)")
-        need_features = self.method.uses_features or self.mode == "feature"
+        assert self._targets is not None
+        columns = self._targets.columns
+        need = self.method.uses_features or self._hooks_features() or columns is not None
         if features is None:
-            if need_features:
+            if need:
                 problems.append(
                     "no features for this step: enter with ctx(features={name: encoder output}, "
                     "targets=y)"
@@ -305,16 +395,31 @@ class ModulationContext:
             for k, h in features.items():
                 if not isinstance(h, Tensor):
                     problems.append(f"features[{k!r}] is a {type(h).__name__}, not a tensor")
-                elif self.mode == "feature" and h.grad_fn is None:
+                elif self._hooks_features() and not h.requires_grad:
                     problems.append(
                         f"features[{k!r}] is not attached to the autograd graph (detached, or "
-                        "computed under no_grad): feature mode hooks the live encoder output"
+                        f"computed under no_grad): {type(self.method).__name__} in this mode "
+                        "hooks the live tensor"
                     )
+            if columns is not None and not problems:
+                widths = [int(features[n].shape[-1]) for n in self.names]
+                if sum(widths) != columns.shape[-1]:
+                    problems.append(
+                        f"the fusion weight has {columns.shape[-1]} input columns but the "
+                        f"features' widths {widths} add up to {sum(widths)}: the fusion head "
+                        "must be one Linear over the features concatenated in modality order"
+                    )
+        try:
+            loss_scale = self._loss_scale()
+        except StepError as e:
+            problems.append(str(e))
+            loss_scale = None
         if problems:
             raise StepError("; ".join(problems))
         if self.mode == "feature" and not self._feature_checked and features is not None:
             self._check_feature_precondition(features)
             self._feature_checked = True
+        return loss_scale
 
     def _check_feature_precondition(self, features: Mapping[str, Tensor]) -> None:
         problems: list[str] = []
@@ -391,26 +496,25 @@ class ModulationContext:
             else:
                 p.grad.add_(g.to(p.grad.dtype))
 
-    def _register(self, features: Mapping[str, Tensor], extra: list[tuple[Tensor, Tensor]]) -> None:
-        if self.mode == "parameter":
-            for view, n in zip(self._views, self.names, strict=True):
-                scale = view.mul  # bound method: no Python frame per gradient
-                for p in self._binding.groups[n]:
-                    self._handles.append(p.register_hook(scale))
+    def _register(
+        self, features: Mapping[str, Tensor], plan: StepPlan, loss_scale: Tensor | None
+    ) -> None:
+        assert self._targets is not None
+        hooks = self._hooks
+        # Injections first: a coefficient that scales the same tensor scales them too.
+        hooks.inject(plan.inject, loss_scale)
+        if self.method.level == "responses" or self.mode == "feature":
+            if plan.transform is not None:
+                raise RuntimeError(
+                    f"{type(self.method).__name__} transforms parameter gradients, which needs "
+                    "mode='parameter'"
+                )
+            hooks.scale({m: [features[n]] for m, n in enumerate(self.names)}, None)
         else:
-            for view, n in zip(self._views, self.names, strict=True):
-                self._handles.append(features[n].register_hook(view.mul))
-        loss_scale = self._loss_scale()
-        for t, g in extra:
-            g = g * loss_scale.to(g.dtype) if loss_scale is not None else g
-            self._fired.append(False)
-            self._handles.append(t.register_hook(self._adder(g, len(self._fired) - 1)))
-
-    def _adder(self, g: Tensor, slot: int) -> Callable[[Tensor], Tensor]:
-        fired = self._fired
-
-        def add(grad: Tensor) -> Tensor:
-            fired[slot] = True
-            return grad + g.to(grad.dtype)
-
-        return add
+            hooks.scale(
+                {m: list(self._targets.encoders.get(n, ())) for m, n in enumerate(self.names)},
+                plan.transform,
+            )
+        if self._targets.columns is not None:
+            widths = [int(features[n].shape[-1]) for n in self.names]
+            hooks.scale_columns(self._targets.columns, widths)

@@ -146,30 +146,33 @@ def last_weight_matrix(module: nn.Module) -> Tensor | None:
 
 def resolve_fusion(
     model: nn.Module | None, fusion: FusionSpec, problems: list[str]
-) -> Tensor | None:
-    """The fusion tensor ``u`` of CGGM's direction loss."""
+) -> tuple[nn.Module | None, Tensor | None]:
+    """The fusion module (when one is given) and the fusion tensor ``u`` of the direction loss.
+
+    ``u`` is the module's last weight matrix, or the tensor itself when a tensor is given.
+    """
     target: nn.Module | Tensor | None
     if isinstance(fusion, str):
         root = unwrap(model) if model is not None else None
         target = _lookup(root, fusion) if root is not None else None
         if target is None:
             problems.append(f"fusion = {fusion!r} matches no submodule or parameter of the model")
-            return None
+            return None, None
     else:
         target = fusion
     if isinstance(target, nn.Module):
         w = last_weight_matrix(target)
         if w is None:
             problems.append("fusion module has no weight matrix (no parameter with >= 2 dims)")
-        return w
+        return target, w
     if isinstance(target, Tensor):
         if not target.requires_grad:
             problems.append(
                 "fusion tensor does not require grad: the direction loss cannot move it"
             )
-        return target
+        return None, target
     problems.append(f"fusion has type {type(fusion).__name__}; expected a module, path or tensor")
-    return None
+    return None, None
 
 
 def check_disjoint(

@@ -7,7 +7,7 @@ model, so that each engine test compares gradmod against an independent computat
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,21 +30,13 @@ class FixedMethod(gradmod.Method):
     Isolates the engine from CGGM's rule: the test knows exactly which factor each backward uses.
     """
 
-    uses_classifiers = False
-
     def __init__(self, schedule: Sequence[Sequence[float]], *, uses_features: bool = True) -> None:
         super().__init__()
         self.schedule = [list(map(float, c)) for c in schedule]
         self.uses_features = uses_features
         self.calls = 0
 
-    def plan(
-        self,
-        binding: gradmod.Binding,
-        features: Mapping[str, Tensor],
-        targets: Tensor,
-        reduce: Callable[[Tensor], Tensor],
-    ) -> gradmod.StepPlan:
+    def plan(self, binding: gradmod.Binding, step: gradmod.Step) -> gradmod.StepPlan:
         c = self.schedule[self.calls % len(self.schedule)]
         self.calls += 1
         assert len(c) == len(binding.names)

@@ -67,6 +67,7 @@ def test_every_problem_is_reported_together() -> None:
         "encoders['frozen'] has 1 frozen parameter",
         "encoders['outside'] has 1 parameter(s) that are not parameters of the model",
         "classifier keys",
+        "FixedMethod uses no unimodal classifiers, but classifiers were given",
     ]
     assert len(problems) == len(expected), problems
     for e in expected:

@@ -3,20 +3,43 @@
 Every function is tensor-in/tensor-out, vectorised over modalities, free of host
 synchronisation (no ``.item()``, no numpy) and differentiable where it matters, so it can be used
 on its own, inside a compiled region, or as the reference that the hook engine is tested against.
+
+* Coefficient rules: :func:`improvement_rate_scale` (CGGM), :func:`ogm_ge_coefficients`
+  (OGM-GE), :func:`agm_coefficients` (AGM), :func:`mlb_coefficients` (MLB).
+* Scores they read: :func:`true_class_probability`, :func:`clipped_nll`, :func:`correct`,
+  :func:`sign_correct` (and their batch means :func:`accuracy`, :func:`sign_accuracy`),
+  :func:`one_vs_others_ratio`, :func:`mean_of_others`.
+* Directions: :func:`flat_cosine` (lists of tensors, no concatenation) and CGGM's
+  :func:`cosine_direction_loss`.
+* :func:`shapley_responses`: AGM's mono-modal responses of a fused model.
 """
 
+from ._agm import agm_coefficients
 from ._cggm import Policy, improvement_rate_scale
 from ._cosine import TensorOrList, cosine_direction_loss, flat_cosine
 from ._metrics import accuracy, correct, sign_accuracy, sign_correct
+from ._mlb import mlb_coefficients
+from ._ogm import OGMForm, ogm_ge_coefficients
+from ._scores import clipped_nll, mean_of_others, one_vs_others_ratio, true_class_probability
+from ._shapley import shapley_responses
 
 __all__ = [
+    "OGMForm",
     "Policy",
     "TensorOrList",
     "accuracy",
+    "agm_coefficients",
+    "clipped_nll",
     "correct",
     "cosine_direction_loss",
     "flat_cosine",
     "improvement_rate_scale",
+    "mean_of_others",
+    "mlb_coefficients",
+    "ogm_ge_coefficients",
+    "one_vs_others_ratio",
+    "shapley_responses",
     "sign_accuracy",
     "sign_correct",
+    "true_class_probability",
 ]

@@ -2,28 +2,109 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Binding", "Method", "Reduce", "StepPlan"]
+__all__ = [
+    "Binding",
+    "GradTransform",
+    "Injection",
+    "Level",
+    "Method",
+    "Reduce",
+    "Step",
+    "StepPlan",
+    "Targets",
+]
 
 #: Sums a tensor over all ranks (the identity outside ``torch.distributed``).
 Reduce = Callable[[Tensor], Tensor]
+#: Where a method's coefficients act: on the encoders' gradients, or on the gradient of the
+#: per-modality tensors handed to the context as ``features`` (AGM's mono-modal responses).
+Level = Literal["encoders", "responses"]
+#: ``transform(k, modality, index, grad) -> new grad`` for encoder tensor ``index`` of
+#: ``modality`` (``k`` the 0-d coefficient, in a dtype that keeps ``grad``'s).
+GradTransform = Callable[[Tensor, int, int, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
 class Binding:
-    """What the engine resolved from the user's configuration, handed to the method."""
+    """What the engine resolved from the user's configuration, handed to the method.
+
+    Attributes:
+        names: modality names, in the order of every ``[M]`` tensor.
+        groups: modality -> its encoder's trainable parameters.
+        classifiers: modality -> unimodal head (CGGM's classifiers, MLB's heads, the
+            per-modality parts of a "sum" fusion head), or ``None``.
+        fusion_module: the fusion head given as ``fusion=`` (a module), or ``None``.
+        fusion: the tensor that a direction loss moves: the fusion head's last weight matrix
+            (or the tensor given as ``fusion=``), or ``None``.
+        mode: ``"parameter"`` or ``"feature"`` (how encoder gradients are scaled).
+        device: where the coefficients live.
+    """
 
     names: tuple[str, ...]
     groups: Mapping[str, list[nn.Parameter]]
     classifiers: Mapping[str, nn.Module] | None
+    fusion_module: nn.Module | None
     fusion: Tensor | None
+    mode: Literal["parameter", "feature"]
     device: torch.device
+
+
+@dataclass(frozen=True)
+class Step:
+    """The inputs of one backward pass.
+
+    Attributes:
+        features: modality -> the encoder output of this step (live, in the graph), or the
+            mono-modal response for response-level methods.
+        targets: the labels (or regression targets) of this step.
+        reduce: sums a tensor over all ranks (identity without ``torch.distributed``).
+        boundary: ``True`` when this backward completes the gradients of the next optimizer
+            step (``False`` for the earlier micro-batches of a gradient-accumulation window).
+        loss_scale: the ``GradScaler``'s current scale (0-d tensor), or ``None``.
+    """
+
+    features: Mapping[str, Tensor]
+    targets: Tensor
+    reduce: Reduce
+    boundary: bool = True
+    loss_scale: Tensor | None = None
+
+
+class Injection(NamedTuple):
+    """A gradient added to ``tensor``'s gradient during the user's backward.
+
+    The engine multiplies ``grad`` by the loss scale of a ``GradScaler`` given to it, and
+    raises :class:`~gradmod.StepError` after the block if ``tensor`` received no gradient (the
+    injection would have been lost). Injections act before any scaling hook on the same
+    tensor, so a coefficient that scales ``tensor`` scales the injected gradient too.
+    """
+
+    tensor: Tensor
+    grad: Tensor
+    what: str  # named in the error when the tensor receives no gradient
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What coefficient ``k_m`` multiplies, fixed at configuration time.
+
+    Attributes:
+        encoders: modality -> the encoder tensors whose whole gradient is scaled (default: the
+            whole group). In feature mode this must be the whole group.
+        columns: a linear fusion weight ``[out, sum of feature widths]`` whose column block of
+            modality ``m`` (widths taken from the features, in modality order) is scaled by
+            ``k_m`` too (MLB's official preset), or ``None``.
+    """
+
+    encoders: Mapping[str, Sequence[Tensor]]
+    columns: Tensor | None = None
 
 
 @dataclass
@@ -31,20 +112,21 @@ class StepPlan:
     """What a method decided for one backward pass.
 
     Attributes:
-        coefficients: one factor per modality, shape ``[M]``; the engine multiplies modality
-            ``m``'s encoder gradients by ``coefficients[m]`` during backward.
+        coefficients: one factor per modality, shape ``[M]``; the engine multiplies what
+            :meth:`Method.targets` names (or the response gradients) by it during backward.
+            Non-finite entries are replaced by 1 before they reach any gradient.
         accumulate: ``(tensor, grad)`` pairs added to ``tensor.grad`` when the block exits
-            without an exception (e.g. the unimodal classifiers' own loss); averaged over ranks
-            under DDP and
-            multiplied by the loss scale of a ``GradScaler`` given to the engine.
-        add_in_backward: ``(tensor, grad)`` pairs added to ``tensor``'s gradient during the
-            user's backward, before accumulation (so before DDP's all-reduce); multiplied by
-            the loss scale. ``grad`` must be identical on every rank.
+            without an exception (e.g. the unimodal heads' own loss); averaged over ranks under
+            DDP and multiplied by the loss scale of a ``GradScaler`` given to the engine.
+        inject: gradients added inside the user's backward (see :class:`Injection`).
+        transform: replaces ``k * grad`` on every encoder tensor (parameter mode only), e.g.
+            OGM-GE's generalisation-enhancement noise.
     """
 
     coefficients: Tensor
     accumulate: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    add_in_backward: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    inject: list[Injection] = field(default_factory=list)
+    transform: GradTransform | None = None
 
 
 class Method(nn.Module):
@@ -53,26 +135,41 @@ class Method(nn.Module):
     A method is an ``nn.Module`` so that its cross-step state lives in buffers and round-trips
     through ``state_dict()``. Buffers whose size depends on the number of modalities start
     empty and are sized on first use; ``load_state_dict`` resizes them to the checkpoint.
+
+    Subclasses set the class attributes below and implement :meth:`plan`; they may refine
+    :meth:`check` and :meth:`targets`.
     """
 
-    #: Whether the method needs one unimodal classifier per modality.
-    uses_classifiers: bool = False
-    #: Whether the method reads each modality's features (encoder outputs) at every step.
+    #: Whether the method needs (``"required"``), can use (``"optional"``) or ignores
+    #: (``"unused"``; giving classifiers is then an error) one unimodal head per modality.
+    classifier_use: Literal["required", "optional", "unused"] = "unused"
+    #: Whether the method computes its heads' gradients itself (they must then stay outside a
+    #: DDP-wrapped model: gradmod all-reduces them).
+    trains_classifiers: bool = False
+    #: Whether the method reads ``features`` at every step.
     uses_features: bool = True
+    #: Whether the method injects gradients into the live features (they must be in the graph).
+    injects_into_features: bool = False
+    #: Where the coefficients act.
+    level: Level = "encoders"
+    #: Fewest and most modalities the method supports.
+    min_modalities: int = 2
+    max_modalities: int | None = None
 
     def check(self, binding: Binding) -> list[str]:
         """Configuration problems specific to this method (empty when all is well)."""
         return []
 
-    def plan(
-        self,
-        binding: Binding,
-        features: Mapping[str, Tensor],
-        targets: Tensor,
-        reduce: Reduce,
-    ) -> StepPlan:
+    def targets(self, binding: Binding) -> Targets:
+        """What each coefficient scales (default: the whole encoder group)."""
+        return Targets(encoders={n: list(ps) for n, ps in binding.groups.items()})
+
+    def plan(self, binding: Binding, step: Step) -> StepPlan:
         """Decide this step's coefficients (and extra gradients); update the method's state."""
         raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the method the current epoch (methods with an epoch window use it)."""
 
     def reset(self) -> None:
         """Forget all cross-step state."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional as GF
-from .._groups import last_weight_matrix
-from ._base import Binding, Method, Reduce, StepPlan
+from ._base import Binding, Method, Step, StepPlan
+from ._direction import check_direction, direction_injection
+from ._heads import global_mean, run_heads
 
 __all__ = ["CGGM"]
 
@@ -59,7 +60,8 @@ class CGGM(Method):
     epochs), ``last_b`` (:math:`B` of the last step), ``last_coefficients`` and ``steps``.
     """
 
-    uses_classifiers = True
+    classifier_use = "required"
+    trains_classifiers = True
     previous: Tensor
     last_b: Tensor
     last_coefficients: Tensor
@@ -104,27 +106,9 @@ class CGGM(Method):
         self.steps.zero_()
 
     def check(self, binding: Binding) -> list[str]:
-        problems: list[str] = []
-        if binding.fusion is None or self.lam == 0 or binding.classifiers is None:
-            return problems
-        u = binding.fusion
-        for name in binding.names:
-            clf = binding.classifiers.get(name)
-            if clf is None:
-                continue
-            v = last_weight_matrix(clf)
-            if v is None:
-                problems.append(
-                    f"classifiers[{name!r}] has no weight matrix for CGGM's direction loss"
-                )
-            elif v.shape != u.shape:
-                problems.append(
-                    f"CGGM's direction loss compares the fusion head's last weight matrix "
-                    f"{tuple(u.shape)} with classifiers[{name!r}]'s last weight matrix "
-                    f"{tuple(v.shape)}: end each classifier in a layer of the fusion head's "
-                    "shape, or pass fusion=None (or lam=0) to turn the direction loss off"
-                )
-        return problems
+        if self.lam == 0 or binding.fusion is None:
+            return []
+        return check_direction(binding, "CGGM")
 
     def _ensure_state(self, m: int, device: torch.device) -> None:
         if self.previous.shape == (m,):
@@ -142,78 +126,34 @@ class CGGM(Method):
         self.last_coefficients = torch.ones(m, device=device, dtype=dtype)
         self.steps = self.steps.to(device)
 
-    def plan(
-        self,
-        binding: Binding,
-        features: Mapping[str, Tensor],
-        targets: Tensor,
-        reduce: Reduce,
-    ) -> StepPlan:
+    def plan(self, binding: Binding, step: Step) -> StepPlan:
         assert binding.classifiers is not None
         names = binding.names
-        m = len(names)
-        self._ensure_state(m, binding.device)
-        classifiers = [binding.classifiers[n] for n in names]
-
-        sums, counts, losses = [], [], []
-        with torch.enable_grad():
-            for clf, name in zip(classifiers, names, strict=True):
-                first = next(clf.parameters(), None)
-                h = features[name].detach()
-                if first is not None and h.is_floating_point():
-                    h = h.to(first.dtype)
-                out = clf(h)
-                losses.append(self.loss_fn(out, targets))
-                with torch.no_grad():
-                    score = self.metric(out, targets).to(self.previous.dtype)
-                    n = (
-                        score.new_tensor(float(score.numel()))
-                        if score.dim()
-                        else score.new_ones(())
-                    )
-                    sums.append(score.sum())
-                    counts.append(n)
-            params = [p for c in classifiers for p in c.parameters() if p.requires_grad]
-            grads = (
-                torch.autograd.grad(torch.stack(losses).sum(), params, allow_unused=True)
-                if params
-                else ()
-            )
-        accumulate: list[tuple[Tensor, Tensor]] = [
-            (p, g) for p, g in zip(params, grads, strict=True) if g is not None
-        ]
+        self._ensure_state(len(names), binding.device)
+        heads = [binding.classifiers[n] for n in names]
+        run = run_heads(
+            heads, [step.features[n] for n in names], step.targets, self.loss_fn, input_grads=False
+        )
+        accumulate = [pair for pairs in run.param_grads for pair in pairs]
 
         with torch.no_grad():
-            totals = reduce(
-                torch.stack([torch.stack(sums), torch.stack(counts)]).to(binding.device)
-            )
-            metric = totals[0] / totals[1].clamp_min(1.0)
+            scores = [self.metric(out, step.targets) for out in run.outputs]
+            metric = global_mean(scores, step.reduce, self.previous)
             policy: GF.Policy = "official" if self.official else "safe"
             b = GF.improvement_rate_scale(
                 self.previous, metric, rho=1.0, policy=policy, zero_tol=self.zero_tol
             )
             coefficients = self.rho * b
 
-        add_in_backward: list[tuple[Tensor, Tensor]] = []
-        use_direction = binding.fusion is not None and self.lam > 0
-        if use_direction:
-            assert binding.fusion is not None
+        inject = []
+        if binding.fusion is not None and self.lam > 0:
             # Official: the previous step's B, one step late (a zero loss at the first step).
             b_dir = self.last_b * (self.steps > 0) if self.official else b
-            u = binding.fusion.detach().requires_grad_(True)
-            vs = [last_weight_matrix(c) for c in classifiers]
-            with torch.enable_grad():
-                loss = self.lam * GF.cosine_direction_loss(
-                    b_dir.detach().to(u.dtype),
-                    [v.detach().to(u.dtype) for v in vs if v is not None],
-                    u,
-                )
-                (g_u,) = torch.autograd.grad(loss, u)
-            add_in_backward.append((binding.fusion, g_u))
+            inject.append(direction_injection(binding, b_dir, self.lam))
 
         with torch.no_grad():
             self.previous.copy_(metric)
             self.last_b.copy_(b)
             self.last_coefficients.copy_(coefficients)
             self.steps += 1
-        return StepPlan(coefficients, accumulate, add_in_backward)
+        return StepPlan(coefficients, accumulate, inject)

@@ -1,0 +1,91 @@
+"""The hooks of one backward pass: registered on entering the block, removed on leaving it."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from .methods import GradTransform, Injection
+
+__all__ = ["HookSet"]
+
+
+def _mul_0d(k: Tensor, grad: Tensor) -> Tensor:
+    return (grad * k).to(grad.dtype)
+
+
+class HookSet:
+    """Registers scaling and injection hooks that read one ``[M]`` coefficient tensor.
+
+    Scaling hooks are bound methods of 0-d views of the coefficient tensor (``coeffs[m].mul``):
+    no Python frame per gradient, and a new coefficient value never recompiles a compiled
+    graph. A 0-d view times a gradient keeps the gradient's dtype, except when the gradient is
+    itself 0-d (a scalar parameter): there the float64 product is rounded back to its dtype.
+    Gradient transforms receive the same views and must return the gradient's dtype.
+    """
+
+    def __init__(self, coefficients: Tensor) -> None:
+        self._coeffs = coefficients
+        self._views = [coefficients[i] for i in range(coefficients.shape[0])]
+        self._handles: list[RemovableHandle] = []
+        self._fired: list[bool] = []
+        self._what: list[str] = []
+
+    # --------------------------------------------------------------------------- registering
+    def inject(self, injections: Sequence[Injection], loss_scale: Tensor | None) -> None:
+        """Add each injection's gradient to its tensor's gradient (register these first)."""
+        for inj in injections:
+            g = inj.grad * loss_scale.to(inj.grad.dtype) if loss_scale is not None else inj.grad
+            self._fired.append(False)
+            self._what.append(inj.what)
+            self._handles.append(inj.tensor.register_hook(self._adder(g, len(self._fired) - 1)))
+
+    def scale(
+        self, tensors: Mapping[int, Sequence[Tensor]], transform: GradTransform | None
+    ) -> None:
+        """Multiply the gradient of every tensor of modality ``m`` by ``k_m`` (or transform it)."""
+        for m, ts in tensors.items():
+            k = self._views[m]
+            for i, t in enumerate(ts):
+                fn: Callable[[Tensor], Tensor]
+                if transform is not None:
+                    fn = functools.partial(transform, k, m, i)
+                elif t.dim() == 0 and t.dtype != k.dtype:
+                    fn = functools.partial(_mul_0d, k)  # 0-d times 0-d would promote
+                else:
+                    fn = k.mul
+                self._handles.append(t.register_hook(fn))
+
+    def scale_columns(self, weight: Tensor, widths: Sequence[int]) -> None:
+        """Multiply column block ``m`` (of width ``widths[m]``) of ``weight``'s gradient by ``k_m``."""
+        sizes = torch.tensor(list(widths), device=self._coeffs.device)
+        cols = torch.repeat_interleave(self._coeffs, sizes, output_size=sum(widths))
+        self._handles.append(weight.register_hook(cols.to(weight.dtype).mul))
+
+    # ----------------------------------------------------------------------------- leaving
+    def missed(self) -> list[str]:
+        """What each injection that never fired was for."""
+        return [w for w, f in zip(self._what, self._fired, strict=True) if not f]
+
+    def release(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._fired.clear()
+        self._what.clear()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def _adder(self, g: Tensor, slot: int) -> Callable[[Tensor], Tensor]:
+        fired = self._fired
+
+        def add(grad: Tensor) -> Tensor:
+            fired[slot] = True
+            return grad + g.to(grad.dtype)
+
+        return add

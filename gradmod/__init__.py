@@ -31,12 +31,28 @@ by a per-step coefficient chosen by a published method, inside your own training
 from . import functional
 from ._context import Mode, ModulationContext
 from ._errors import ConfigurationError, GradmodError, StepError
-from .methods import CGGM, Binding, Injection, Method, Step, StepPlan, Targets
+from .methods import (
+    AGM,
+    CGGM,
+    MLB,
+    OGMGE,
+    Binding,
+    Injection,
+    Method,
+    MultiLoss,
+    Step,
+    StepPlan,
+    Targets,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGM",
     "CGGM",
+    "MLB",
+    "OGMGE",
+    "MultiLoss",
     "Binding",
     "ConfigurationError",
     "GradmodError",

@@ -155,9 +155,10 @@ class ModulationContext:
 
         device = next((p.device for ps in groups.values() for p in ps), torch.device("cpu"))
         self._binding = Binding(names, groups, clfs, fusion_module, u, resolved_mode, device)
-        if not problems:
+        self._targets: Targets | None = None
+        if not problems:  # method-level checks need a consistent binding
             problems.extend(self.method.check(self._binding))
-        self._targets = self._resolve_targets(problems) if not problems else None
+            self._targets = self._resolve_targets(problems)
         if problems:
             raise ConfigurationError(problems)
         assert self._targets is not None

@@ -489,7 +489,9 @@ def test_missing_backward_with_direction_loss_is_a_step_error_and_leaves_no_hook
     ctx = cggm_ctx(model, clfs)
     xs, y = batch(16)
     _, feats = loss_of(model, xs, y)
-    refused = pytest.raises(gradmod.StepError, match=r"fusion tensor \(direction loss\) received no gradient")
+    refused = pytest.raises(
+        gradmod.StepError, match=r"fusion tensor \(direction loss\) received no gradient"
+    )
     with refused, ctx(features=feats, targets=y):
         pass
     assert hook_count(_all_tensors(model, clfs)) == 0

@@ -48,7 +48,8 @@ def mlb_coefficients(
     tiny = torch.finfo(scores.dtype).tiny
     others = mean_of_others(scores)
     r = others / scores.clamp_min(tiny) if higher_is_better else scores / others.clamp_min(tiny)
-    t = torch.tanh(alpha * (r - 1.0))
+    x = alpha * (r - 1.0)
+    one_plus_tanh = 2.0 * torch.sigmoid(2.0 * x)  # = 1 + tanh(x), accurate for x << 0
     if beta is None:
-        return 1.0 + t
-    return torch.where(t > 0, 1.0 + (beta - 1.0) * t, 1.0 + t)
+        return one_plus_tanh
+    return torch.where(x > 0, 1.0 + (beta - 1.0) * torch.tanh(x), one_plus_tanh)

@@ -40,7 +40,9 @@ def ogm_ge_coefficients(
 
     Returns:
         ``k``, shape ``[M]``, same dtype and device as ``scores``; every entry in ``(0, 1]``
-        (exactly 1 for non-dominant modalities). No host synchronisation.
+        (exactly 1 for non-dominant modalities), computed as :math:`2\sigma(-2\alpha\rho)` so
+        that it stays positive until :math:`\alpha\rho` exceeds ~350 (float64). No host
+        synchronisation.
     """
     if scores.dim() != 1 or scores.shape[0] < 2:
         raise ValueError(f"OGM-GE needs scores of shape [M] with M >= 2; got {tuple(scores.shape)}")
@@ -48,11 +50,16 @@ def ogm_ge_coefficients(
         raise ValueError(f"alpha must be > 0; got {alpha}")
     rho = one_vs_others_ratio(scores)
     if form == "continuous":
-        return 1.0 - torch.tanh(alpha * torch.relu(rho - 1.0))
+        return _one_minus_tanh(alpha * torch.relu(rho - 1.0))
     if form != "official":
         raise ValueError(f"form must be 'official' or 'continuous'; got {form!r}")
     dominant = rho > 1.0
     if scores.shape[0] == 2:
         # official tie-break: when s_1 <= s_0 the else-branch slows modality 0
         dominant = torch.stack([scores[0] >= scores[1], scores[1] > scores[0]])
-    return torch.where(dominant, 1.0 - torch.tanh(alpha * rho), torch.ones_like(rho))
+    return torch.where(dominant, _one_minus_tanh(alpha * rho), torch.ones_like(rho))
+
+
+def _one_minus_tanh(x: Tensor) -> Tensor:
+    r""":math:`1 - \tanh(x) = 2\sigma(-2x)`, without the cancellation that rounds it to 0."""
+    return 2.0 * torch.sigmoid(-2.0 * x)

@@ -1,5 +1,6 @@
 """Modulation methods: each decides per-step coefficients; the engine applies them."""
 
+from ._agm import AGM
 from ._base import (
     Binding,
     GradTransform,
@@ -12,9 +13,15 @@ from ._base import (
     Targets,
 )
 from ._cggm import CGGM
+from ._multiloss import MLB, MultiLoss
+from ._ogm import OGMGE
 
 __all__ = [
+    "AGM",
     "CGGM",
+    "MLB",
+    "OGMGE",
+    "MultiLoss",
     "Binding",
     "GradTransform",
     "Injection",

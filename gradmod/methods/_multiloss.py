@@ -1,0 +1,218 @@
+"""Multi-loss training and MLB (Kontras et al., BMVC 2024): unimodal heads in the objective."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import functional as GF
+from ._base import Binding, Injection, Method, Step, StepPlan, Targets
+from ._direction import check_direction, direction_injection
+from ._heads import global_mean, run_heads
+
+__all__ = ["MLB", "MultiLoss"]
+
+Loss = Callable[[Tensor, Tensor], Tensor]
+Task = Literal["classification", "regression"]
+
+
+def _mse(pred: Tensor, target: Tensor) -> Tensor:
+    return F.mse_loss(pred.reshape(target.shape), target.to(pred.dtype))
+
+
+def _squared_errors(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-sample mean squared error, shape ``[B]``."""
+    p = pred.reshape(pred.shape[0], -1)
+    return (p - target.reshape(p.shape).to(p.dtype)).square().mean(dim=1)
+
+
+class MultiLoss(Method):
+    r"""Plain multi-loss training: :math:`L = L_\text{fused} + w \sum_m L_m`, no coefficients.
+
+    Each modality's unimodal head reads the **live** encoder output (its loss trains the
+    encoder too). You keep your own loss and ``backward()``: inside the block, gradmod adds
+    :math:`w\,\partial L_m/\partial h_m` to the gradient of each feature :math:`h_m` (exact, since
+    backprop is linear), and the heads' own gradients land on their parameters when the block
+    exits (give :meth:`ModulationContext.classifier_parameters` to your optimizer). This is the
+    baseline that every coefficient method has to beat.
+
+    Args:
+        weight: :math:`w`, the weight of the unimodal losses (official MLB: 1).
+        task: ``"classification"`` (cross-entropy) or ``"regression"`` (mean squared error).
+        loss_fn: optional ``loss_fn(outputs, targets)`` for the heads.
+        direction: :math:`\lambda` of CGGM's direction loss added on top (0: off); its weights
+            are the method's coefficients (all 1 here). Needs ``fusion=``.
+    """
+
+    classifier_use = "required"
+    trains_classifiers = True
+    injects_into_features = True
+    steps: Tensor
+    last_coefficients: Tensor
+
+    def __init__(
+        self,
+        *,
+        weight: float = 1.0,
+        task: Task = "classification",
+        loss_fn: Loss | None = None,
+        direction: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if task not in ("classification", "regression"):
+            raise ValueError(f"task must be 'classification' or 'regression'; got {task!r}")
+        if weight <= 0:
+            raise ValueError(f"weight must be > 0; got {weight}")
+        if direction < 0:
+            raise ValueError(
+                f"direction (the direction loss's lambda) must be >= 0; got {direction}"
+            )
+        self.weight = float(weight)
+        self.task: Task = task
+        self.loss_fn: Loss = loss_fn or (F.cross_entropy if task == "classification" else _mse)
+        self.direction = float(direction)
+        self.register_buffer("last_coefficients", torch.zeros(0))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, task={self.task!r}, direction={self.direction}"
+
+    def reset(self) -> None:
+        self.last_coefficients = torch.zeros(0, device=self.steps.device)
+        self.steps.zero_()
+
+    def check(self, binding: Binding) -> list[str]:
+        return check_direction(binding, type(self).__name__) if self.direction > 0 else []
+
+    def coefficients(self, outputs: list[Tensor], step: Step, like: Tensor) -> Tensor:
+        """This step's coefficients from the heads' outputs (all ones for plain multi-loss)."""
+        return torch.ones_like(like)
+
+    def plan(self, binding: Binding, step: Step) -> StepPlan:
+        assert binding.classifiers is not None
+        names = binding.names
+        m = len(names)
+        dtype = torch.float32 if binding.device.type == "mps" else torch.float64
+        like = torch.zeros(m, device=binding.device, dtype=dtype)
+        if self.last_coefficients.shape != (m,):
+            self.last_coefficients = torch.ones_like(like)
+        run = run_heads(
+            [binding.classifiers[n] for n in names],
+            [step.features[n] for n in names],
+            step.targets,
+            self.loss_fn,
+            input_grads=True,
+            weight=self.weight,
+        )
+        with torch.no_grad():
+            k = self.coefficients(run.outputs, step, like)
+        accumulate = [
+            (p, self._scale_head_grad(g, k[i]))
+            for i, pairs in enumerate(run.param_grads)
+            for p, g in pairs
+        ]
+        assert run.input_grads is not None
+        inject = [
+            Injection(step.features[n], g, f"features[{n!r}] (unimodal loss)")
+            for n, g in zip(names, run.input_grads, strict=True)
+        ]
+        if self.direction > 0:
+            inject.append(direction_injection(binding, k, self.direction))
+        with torch.no_grad():
+            self.last_coefficients = self.last_coefficients.to(k.device)
+            self.last_coefficients.copy_(k)
+            self.steps += 1
+        return StepPlan(k, accumulate, inject)
+
+    def _scale_head_grad(self, g: Tensor, k: Tensor) -> Tensor:
+        return g
+
+
+class MLB(MultiLoss):
+    r"""Multi-loss balanced modulation: multi-loss training plus balancing coefficients.
+
+    Each step, the mean true-class probability :math:`s_m` of every unimodal head (on this
+    batch, global under DDP) gives :math:`k_m = 1 + \tanh(\alpha(r_m - 1))` with
+    :math:`r_m = \text{mean}_{j\ne m} s_j / s_m` (:func:`gradmod.functional.mlb_coefficients`):
+    the strong modality is slowed, the weak one accelerated, and :math:`k \to 1` as every head
+    fits. For regression :math:`s_m` is head ``m``'s mean squared error and the ratio inverts.
+
+    Args:
+        alpha: :math:`\alpha` (official 0.8 on CREMA-D and AVE, 1.0 on UCF101).
+        beta: optional cap of the boost (:math:`k < \beta`); ``None``: none.
+        scale: what :math:`k_m` multiplies. ``"encoder"`` (default): encoder ``m``'s gradient,
+            including the part that comes from its own unimodal loss. ``"official"``: also
+            head ``m``'s gradient and modality ``m``'s column block of a linear fusion head
+            (``fusion=`` must be one ``nn.Linear`` over the concatenated features), as the
+            authors' code does.
+        weight, task, loss_fn, direction: as in :class:`MultiLoss` (the direction loss weighs
+            modality ``m`` by :math:`k_m`).
+
+    State (``state_dict``): ``last_coefficients`` and ``steps`` (MLB needs no history: its
+    coefficients depend on the current batch only).
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.8,
+        beta: float | None = None,
+        scale: Literal["encoder", "official"] = "encoder",
+        weight: float = 1.0,
+        task: Task = "classification",
+        loss_fn: Loss | None = None,
+        direction: float = 0.0,
+    ) -> None:
+        super().__init__(weight=weight, task=task, loss_fn=loss_fn, direction=direction)
+        if alpha <= 0:
+            raise ValueError(f"alpha must be > 0; got {alpha}")
+        if beta is not None and beta < 1:
+            raise ValueError(f"beta caps the boost and must be >= 1; got {beta}")
+        if scale not in ("encoder", "official"):
+            raise ValueError(f"scale must be 'encoder' or 'official'; got {scale!r}")
+        self.alpha = float(alpha)
+        self.beta = beta
+        self.scale = scale
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, scale={self.scale!r}, " + super().extra_repr()
+        )
+
+    def check(self, binding: Binding) -> list[str]:
+        problems = super().check(binding)
+        if self.scale == "official" and not isinstance(binding.fusion_module, nn.Linear):
+            problems.append(
+                "MLB(scale='official') scales each modality's column block of a linear fusion "
+                "head: pass fusion= one nn.Linear over the concatenated features, or use "
+                "scale='encoder'"
+            )
+        return problems
+
+    def targets(self, binding: Binding) -> Targets:
+        base = super().targets(binding)
+        if self.scale == "official" and isinstance(binding.fusion_module, nn.Linear):
+            return Targets(base.encoders, columns=binding.fusion_module.weight)
+        return base
+
+    def coefficients(self, outputs: list[Tensor], step: Step, like: Tensor) -> Tensor:
+        if self.task == "classification":
+            per_sample = [
+                GF.true_class_probability(o.to(like.dtype), step.targets) for o in outputs
+            ]
+        else:
+            per_sample = [_squared_errors(o.to(like.dtype), step.targets) for o in outputs]
+        scores = global_mean(per_sample, step.reduce, like)
+        return GF.mlb_coefficients(
+            scores,
+            alpha=self.alpha,
+            beta=self.beta,
+            higher_is_better=self.task == "classification",
+        )
+
+    def _scale_head_grad(self, g: Tensor, k: Tensor) -> Tensor:
+        return (g * k).to(g.dtype) if self.scale == "official" else g

@@ -1,0 +1,235 @@
+"""OGM-GE: on-the-fly gradient modulation with generalisation enhancement (Peng et al., 2022)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as GF
+from ._base import Binding, Method, Step, StepPlan, Targets
+
+__all__ = ["OGMGE"]
+
+ParamFilter = Literal["encoder", "conv"] | Callable[[Tensor], bool]
+_SEED_SPACE = 2**63
+
+
+class OGMGE(Method):
+    r"""On-the-fly gradient modulation, with generalisation-enhancement (GE) noise.
+
+    The unimodal logits come from the fusion head itself, no extra heads: for one
+    ``nn.Linear`` over the concatenated features (``fusion=``), :math:`z_m = h_m W_m^\top + b/M`
+    with :math:`W_m` modality ``m``'s column block (features concatenated in modality order, so
+    :math:`\sum_m z_m` is the fused output); for a "sum" head, pass its per-modality parts as
+    ``classifiers`` and :math:`z_m` = ``classifiers[m](h_m)``. The summed true-class
+    probabilities :math:`s_m` set :math:`k = ` :func:`gradmod.functional.ogm_ge_coefficients`:
+    the dominant modality is slowed, the others keep 1.
+
+    GE: every modulated tensor's gradient becomes :math:`k g + \mathcal N(0, (\sigma(g) +
+    10^{-8})^2)` with :math:`\sigma` the unbiased std of the **unscaled** gradient, for both
+    modalities, inside the window. gradmod adds the noise once per optimizer step: with
+    gradient accumulation, the earlier micro-batches (entered with ``boundary=False``) only
+    record their unscaled gradients, and the boundary micro-batch adds noise with the std of
+    the accumulated unscaled gradient. Under a ``GradScaler`` the std and the ``1e-8`` are
+    taken in the scaled space, so after ``unscale_`` the noise is exactly as specified. Each
+    tensor's noise comes from a generator seeded by ``(seed, optimizer step, modality,
+    tensor)``: reproducible, independent of the order in which hooks fire, and identical on
+    every DDP rank (so averaging over ranks does not shrink it; its std is then the mean of
+    the ranks' local stds, added before DDP's all-reduce).
+
+    Args:
+        alpha: :math:`\alpha` (official 0.1 on VGGSound, 0.8 on CREMA-D).
+        form: ``"official"`` (default, jump at :math:`\rho = 1`) or ``"continuous"``.
+        window: ``(first, last)`` epochs, inclusive, in which modulation and noise apply
+            (official ``(0, 50)`` of 100 epochs); ``None``: always. Tell the method the epoch
+            with :meth:`ModulationContext.set_epoch` (or :meth:`set_epoch`).
+        ge: add the GE noise (``False``: plain OGM). Needs ``mode="parameter"``.
+        params: which encoder tensors are modulated: ``"encoder"`` (default, all of them),
+            ``"conv"`` (4-D weights only, the official code's choice) or a predicate on the
+            tensor. Anything but the whole encoder needs ``mode="parameter"``.
+        seed: seed of the GE noise.
+
+    State (``state_dict``): ``epoch``, ``noise_steps`` (optimizer steps that drew noise),
+    ``last_coefficients``, ``last_scores`` and ``steps``.
+    """
+
+    classifier_use = "optional"
+    epoch: Tensor
+    noise_steps: Tensor
+    steps: Tensor
+    last_coefficients: Tensor
+    last_scores: Tensor
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.1,
+        form: GF.OGMForm = "official",
+        window: tuple[int, int] | None = (0, 50),
+        ge: bool = True,
+        params: ParamFilter = "encoder",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if alpha <= 0:
+            raise ValueError(f"alpha must be > 0; got {alpha}")
+        if form not in ("official", "continuous"):
+            raise ValueError(f"form must be 'official' or 'continuous'; got {form!r}")
+        if window is not None and not (len(window) == 2 and 0 <= window[0] <= window[1]):
+            raise ValueError(
+                f"window must be (first, last) epochs with 0 <= first <= last; got {window}"
+            )
+        if not (params in ("encoder", "conv") or callable(params)):
+            raise ValueError(f"params must be 'encoder', 'conv' or a predicate; got {params!r}")
+        self.alpha = float(alpha)
+        self.form: GF.OGMForm = form
+        self.window = window
+        self.ge = bool(ge)
+        self.params = params
+        self.seed = int(seed)
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
+        self.register_buffer("noise_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("last_coefficients", torch.zeros(0))
+        self.register_buffer("last_scores", torch.zeros(0))
+        # per-step transient state, read by the noise hooks of the current backward
+        self._boundary = True
+        self._loss_scale: Tensor | None = None
+        self._pending: dict[tuple[int, int], Tensor] = {}
+        self._noise_step = 0
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, form={self.form!r}, window={self.window}, ge={self.ge}, "
+            f"params={self.params if isinstance(self.params, str) else 'custom'!r}"
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.fill_(int(epoch))
+
+    def reset(self) -> None:
+        for name in ("epoch", "noise_steps", "steps"):
+            getattr(self, name).zero_()
+        self.last_coefficients = torch.zeros(0, device=self.steps.device)
+        self.last_scores = torch.zeros(0, device=self.steps.device)
+        self._pending.clear()
+
+    # ------------------------------------------------------------------------ configuration
+    def check(self, binding: Binding) -> list[str]:
+        problems: list[str] = []
+        if binding.classifiers is None and not isinstance(binding.fusion_module, nn.Linear):
+            got = type(binding.fusion_module).__name__ if binding.fusion_module else "nothing"
+            problems.append(
+                "OGM-GE reads unimodal logits off the fusion head: pass fusion= one nn.Linear "
+                f"over the concatenated features (got {got}), or the per-modality parts of a "
+                "sum head as classifiers"
+            )
+        if self.ge and binding.mode == "feature":
+            problems.append(
+                "OGM-GE's noise is drawn per parameter tensor, which feature mode cannot do: use "
+                "mode='parameter' (or ge=False)"
+            )
+        return problems
+
+    def _selected(self, t: Tensor) -> bool:
+        if self.params == "encoder":
+            return True
+        if self.params == "conv":
+            return t.dim() == 4
+        return bool(self.params(t))
+
+    def targets(self, binding: Binding) -> Targets:
+        return Targets(
+            {n: [p for p in ps if self._selected(p)] for n, ps in binding.groups.items()}
+        )
+
+    # ---------------------------------------------------------------------------------- step
+    def in_window(self) -> bool:
+        """Whether the current epoch lies in the modulation window."""
+        if self.window is None:
+            return True
+        first, last = self.window
+        return first <= int(self.epoch) <= last
+
+    def unimodal_logits(self, binding: Binding, features: list[Tensor]) -> list[Tensor]:
+        """:math:`z_m` of every modality, from the fusion head (no gradient)."""
+        with torch.no_grad():
+            if binding.classifiers is not None:
+                heads = [binding.classifiers[n] for n in binding.names]
+                return [h(f.detach()) for h, f in zip(heads, features, strict=True)]
+            head = binding.fusion_module
+            assert isinstance(head, nn.Linear)
+            widths = [f.shape[-1] for f in features]
+            if sum(widths) != head.in_features:
+                raise ValueError(
+                    f"the fusion Linear takes {head.in_features} inputs but the features' widths "
+                    f"{widths} add up to {sum(widths)}: OGM-GE needs the fusion head to be one "
+                    "Linear over the features concatenated in modality order"
+                )
+            blocks = head.weight.split(widths, dim=1)
+            m = len(features)
+            out = []
+            for f, w in zip(features, blocks, strict=True):
+                z = f.detach().to(w.dtype) @ w.T
+                out.append(z + head.bias / m if head.bias is not None else z)
+            return out
+
+    def plan(self, binding: Binding, step: Step) -> StepPlan:
+        names = binding.names
+        dtype = torch.float32 if binding.device.type == "mps" else torch.float64
+        logits = self.unimodal_logits(binding, [step.features[n] for n in names])
+        with torch.no_grad():
+            sums = torch.stack(
+                [GF.true_class_probability(z.to(dtype), step.targets).sum() for z in logits]
+            )
+            scores = step.reduce(sums.to(binding.device))
+            active = self.in_window()
+            k = (
+                GF.ogm_ge_coefficients(scores, alpha=self.alpha, form=self.form)
+                if active
+                else torch.ones_like(scores)
+            )
+        if self._boundary:  # the previous backward closed an optimizer step: a new window
+            self._pending.clear()
+        self._boundary = step.boundary
+        self._loss_scale = step.loss_scale
+        transform = self._noisy if (self.ge and active) else None
+        with torch.no_grad():
+            self.last_scores = scores.detach().clone()
+            self.last_coefficients = k.detach().clone()
+            self.steps += 1
+            if transform is not None and step.boundary:
+                self.noise_steps += 1
+        self._noise_step = int(self.noise_steps)  # host-side: the counter lives on the host
+        return StepPlan(k, transform=transform)
+
+    # ------------------------------------------------------------------------------ GE noise
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        return gen
+
+    def _noisy(self, k: Tensor, m: int, i: int, grad: Tensor) -> Tensor:
+        """``k * grad`` plus, at the boundary micro-batch, the GE noise (a gradient hook)."""
+        scaled = (grad * k).to(grad.dtype)
+        key = (m, i)
+        if not self._boundary:
+            before = self._pending.get(key)
+            self._pending[key] = grad.detach().clone() if before is None else before + grad
+            return scaled
+        before = self._pending.pop(key, None)
+        total = grad if before is None else before + grad
+        if total.numel() > 1:
+            std = torch.nan_to_num(total.float().std(), nan=0.0, posinf=0.0, neginf=0.0)
+        else:  # the unbiased std of one number is undefined: no noise
+            std = total.new_zeros((), dtype=torch.float32)
+        eps = 1e-8 * (self._loss_scale.float() if self._loss_scale is not None else 1.0)
+        gen = self._generator(grad.device)
+        gen.manual_seed(hash((self.seed, self._noise_step, m, i)) % _SEED_SPACE)
+        noise = torch.randn(grad.shape, generator=gen, device=grad.device, dtype=torch.float32)
+        return scaled + (noise * (std + eps)).to(grad.dtype)

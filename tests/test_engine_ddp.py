@@ -10,6 +10,7 @@ the classifier gradients averaged over ranks.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import socket
 import warnings
@@ -59,6 +60,39 @@ def rank_slice(rank: int) -> slice:
 def build() -> tuple[MultiModal, dict[str, nn.Module]]:
     torch.manual_seed(0)
     return MultiModal(), {n: classifier() for n in NAMES}
+
+
+class LinearFusion(MultiModal):
+    """MultiModal with one linear fusion head over the concatenated features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.Linear(4 * len(NAMES), 3))
+
+
+def build_linear() -> tuple[LinearFusion, dict[str, nn.Module]]:
+    torch.manual_seed(0)
+    return LinearFusion(), {n: nn.Linear(4, 3) for n in NAMES}
+
+
+class WideLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.ModuleDict(
+            {n: nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 4)) for n in "ab"}
+        )
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, xs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        feats = {n: self.enc[n](xs[n]) for n in "ab"}
+        return self.head(torch.cat([feats["a"], feats["b"]], 1)), feats
+
+
+def wide_batch(rank: int, dtype: torch.dtype = torch.float32) -> tuple[dict[str, Tensor], Tensor]:
+    g = torch.Generator().manual_seed(50 + rank)
+    xs = {n: torch.randn(16, 64, generator=g, dtype=F64) for n in "ab"}
+    xs["a"] = xs["a"] * 3.0
+    return {k: v.to(dtype) for k, v in xs.items()}, torch.randint(0, 3, (16,), generator=g)
 
 
 def snapshot(module: nn.Module) -> dict[str, Tensor]:
@@ -147,6 +181,59 @@ def _refuses_classifiers_inside_ddp() -> list[str]:
     return []
 
 
+def _run_mlb(rank: int) -> list[dict]:
+    """MLB(scale='official') with linear heads on a linear-fusion model, 2 steps of SGD."""
+    model, heads = build_linear()
+    ddp = DDP(model)
+    ctx = gradmod.ModulationContext(
+        ddp,
+        heads,
+        encoders={n: f"enc.{n}" for n in NAMES},
+        method=gradmod.MLB(alpha=0.8, scale="official"),
+        fusion="head.0",
+    )
+    opt = torch.optim.SGD([*model.parameters(), *ctx.classifier_parameters()], lr=LR)
+    out = []
+    n_total = sum(SIZES)
+    for step in range(STEPS):
+        rec: dict = {"model": snapshot(model), "heads": {n: snapshot(h) for n, h in heads.items()}}
+        xs, y = global_batch(step)
+        sl = rank_slice(rank)
+        xs, y = {k: v[sl] for k, v in xs.items()}, y[sl]
+        logits, feats = ddp(xs)
+        loss = F.cross_entropy(logits, y, reduction="sum") * (WORLD / n_total)
+        with ctx(features=feats, targets=y):
+            loss.backward()
+        rec["coefficients"] = ctx.coefficients
+        rec["grads"] = grads_of(model)
+        rec["head_grads"] = {n: grads_of(h) for n, h in heads.items()}
+        out.append(rec)
+        opt.step()
+        opt.zero_grad()
+    return out
+
+
+def _run_ogm(rank: int) -> dict:
+    """OGM-GE on a wide two-modality model: noise statistics after DDP's average."""
+    torch.manual_seed(0)
+    model = WideLinear()
+    rec: dict = {"model": snapshot(model)}
+    ddp = DDP(model)
+    ctx = gradmod.ModulationContext(
+        ddp,
+        encoders={"a": "enc.a", "b": "enc.b"},
+        method=gradmod.OGMGE(alpha=0.5, seed=9),
+        fusion="head",
+    )
+    xs, y = wide_batch(rank)
+    logits, feats = ddp(xs)
+    with ctx(features=feats, targets=y):
+        F.cross_entropy(logits, y).backward()
+    rec["coefficients"] = ctx.coefficients
+    rec["grads"] = grads_of(model)
+    return rec
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     warnings.simplefilter("error")  # as pyproject's filterwarnings for the test process
     torch.set_num_threads(1)
@@ -161,6 +248,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "feature": _run_cggm(rank, "feature"),
             "no_sync": _run_no_sync(rank),
             "refused": _refuses_classifiers_inside_ddp(),
+            "mlb": _run_mlb(rank),
+            "ogm": _run_ogm(rank),
         }
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -287,3 +376,97 @@ def test_ddp_no_sync_accumulation(ranks: list[dict]) -> None:
 def test_classifiers_inside_the_ddp_module_are_refused(ranks: list[dict]) -> None:
     for r in ranks:
         assert len(r["refused"]) == 1 and "inside the DDP-wrapped model" in r["refused"][0]
+
+
+# ------------------------------------------------------------------------ other methods
+def mlb_reference(rec: dict, step: int) -> dict:
+    """Global k from all-reduced probability sums; each rank's unimodal losses are its own
+    mean, averaged over ranks like any DDP loss; official scaling of heads and fusion slices."""
+    xs, y = global_batch(step, F64)
+    model = LinearFusion().to(F64)
+    model.load_state_dict(rec["model"])
+    heads = {n: nn.Linear(4, 3).to(F64) for n in NAMES}
+    for n in NAMES:
+        heads[n].load_state_dict(rec["heads"][n])
+    logits, feats = model(xs)
+    probs = {n: F.softmax(heads[n](feats[n].detach()), 1).gather(1, y[:, None]) for n in NAMES}
+    s = [float(probs[n].mean().detach()) for n in NAMES]
+    k = [1 + math.tanh(0.8 * ((sum(s) - x) / (len(s) - 1) / x - 1)) for x in s]
+    uni = sum(
+        F.cross_entropy(heads[n](feats[n])[rank_slice(r)], y[rank_slice(r)]) / WORLD
+        for n in NAMES
+        for r in range(WORLD)
+    )
+    (F.cross_entropy(logits, y) + uni).backward()
+    kk = dict(zip(NAMES, k, strict=True))
+    grads = {}
+    for name, p in model.named_parameters():
+        m = modality_of(name)
+        grads[name] = p.grad * kk[m] if m is not None else p.grad
+    w = grads["head.0.weight"]
+    grads["head.0.weight"] = torch.cat(
+        [b * kk[n] for b, n in zip(w.split(4, dim=1), NAMES, strict=True)], 1
+    )
+    head_grads = {n: {pn: p.grad * kk[n] for pn, p in heads[n].named_parameters()} for n in NAMES}
+    return {"k": k, "grads": grads, "head_grads": head_grads}
+
+
+def test_ddp_mlb_matches_single_process_reference(ranks: list[dict]) -> None:
+    r0, r1 = ranks[0]["mlb"], ranks[1]["mlb"]
+    for step in range(STEPS):
+        a, b = r0[step], r1[step]
+        assert torch.equal(a["coefficients"], b["coefficients"])
+        for n in a["grads"]:
+            assert torch.equal(a["grads"][n], b["grads"][n]), (step, n)
+        for c in NAMES:
+            for n in a["head_grads"][c]:
+                assert torch.equal(a["head_grads"][c][n], b["head_grads"][c][n]), (step, c, n)
+        ref = mlb_reference(a, step)
+        close(a["coefficients"], torch.tensor(ref["k"], dtype=F64), f"step {step} k")
+        for n, g in ref["grads"].items():
+            close(a["grads"][n], g, f"step {step} {n}")
+        for c in NAMES:
+            for n, g in ref["head_grads"][c].items():
+                close(a["head_grads"][c][n], g, f"step {step} heads[{c}].{n}")
+    assert len({round(x, 6) for x in r0[0]["coefficients"].tolist()}) > 1
+
+
+def test_ddp_ogm_ge_noise_is_identical_across_ranks(ranks: list[dict]) -> None:
+    """Identical noise on every rank survives DDP's average at full strength: the noise in the
+    averaged gradient has the mean of the ranks' local stds (independent noise per rank would
+    shrink it by sqrt(2))."""
+    a, b = ranks[0]["ogm"], ranks[1]["ogm"]
+    assert torch.equal(a["coefficients"], b["coefficients"])
+    model = WideLinear().to(F64)
+    model.load_state_dict(a["model"])
+    batches = [wide_batch(r, F64) for r in range(WORLD)]
+    # global scores: true-class probabilities of the fusion head's column blocks, summed
+    scores = [0.0, 0.0]
+    local: list[dict[str, Tensor]] = []
+    for xs, y in batches:
+        m = copy.deepcopy(model)
+        logits, feats = m(xs)
+        w, bias = m.head.weight, m.head.bias
+        for i, n in enumerate("ab"):
+            z = feats[n] @ w[:, 4 * i : 4 * i + 4].T + bias / 2
+            scores[i] += float(F.softmax(z, 1).gather(1, y[:, None]).sum().detach())
+        F.cross_entropy(logits, y).backward()
+        local.append({pn: p.grad for pn, p in m.named_parameters()})
+    ratio = scores[0] / scores[1]
+    k_ref = [1 - math.tanh(0.5 * ratio), 1.0] if ratio > 1 else [1.0, 1 - math.tanh(0.5 / ratio)]
+    close(a["coefficients"], torch.tensor(k_ref, dtype=F64), "k")
+    k = dict(zip("ab", k_ref, strict=True))
+    checked = 0
+    for pn, g in a["grads"].items():
+        assert torch.equal(g, b["grads"][pn])
+        mean_g = sum(loc[pn] for loc in local) / WORLD
+        m = modality_of(pn)
+        if m is None:
+            close(g, mean_g, pn)
+            continue
+        noise = g.double() - k[m] * mean_g
+        sigma = sum(float(loc[pn].std()) + 1e-8 for loc in local) / WORLD
+        if noise.numel() >= 1000:
+            assert float(noise.std()) == pytest.approx(sigma, rel=0.06), pn
+            checked += 1
+    assert checked == 4

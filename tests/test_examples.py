@@ -1,0 +1,46 @@
+"""Every method's example runs as written and shows the behaviour its docstring describes."""
+
+from __future__ import annotations
+
+import ast
+import re
+import runpy
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run(name: str, capsys: pytest.CaptureFixture[str]) -> list[dict[str, float]]:
+    runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+    lines = re.findall(r"k = (\{.*\})", capsys.readouterr().out)
+    assert lines, f"{name} printed no coefficients"
+    return [ast.literal_eval(line) for line in lines]
+
+
+def test_ogm_ge_example_slows_the_clean_modality_inside_the_window_only(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    epochs = run("ogm_ge.py", capsys)
+    assert len(epochs) == 8
+    for k in epochs[:6]:  # window (0, 5): audio dominates and is slowed
+        assert 0 < k["audio"] < 1 and k["video"] == 1.0
+    for k in epochs[6:]:
+        assert k == {"audio": 1.0, "video": 1.0}
+
+
+def test_agm_example_slows_the_clean_modality_and_boosts_the_noisy_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    epochs = run("agm.py", capsys)
+    assert len(epochs) == 5
+    assert all(k["audio"] < 1 < k["video"] for k in epochs)
+
+
+def test_mlb_example_slows_the_strong_modality_and_boosts_the_weak_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    epochs = run("mlb.py", capsys)
+    assert len(epochs) == 5
+    assert all(0 < k["audio"] < 1 < k["video"] < 2 for k in epochs)

@@ -22,6 +22,14 @@ Variants:
   ``param.grad *= coeff`` (a Python float) per parameter.
 * ``CGGM full``: ``gradmod.CGGM`` with unimodal classifiers and the direction loss: the METHOD's
   cost (M extra classifier forwards/backwards and the direction-loss gradient), not the engine's.
+* ``OGM-GE full``: ``gradmod.OGMGE`` (parameter mode): unimodal logits from the linear head's
+  column blocks, and the GE noise (a std and a seeded ``randn`` per encoder tensor per step).
+* ``MLB full``: ``gradmod.MLB`` with one linear head per modality (feature mode): the heads'
+  forward/backward and the injection of their loss gradients into the live features.
+* ``AGM full``: ``gradmod.AGM`` on Shapley responses computed by masking FEATURES (2^M - 1 passes
+  of the fusion head only), gradmod's recommended use.
+* ``AGM, official input masking``: the same, but masking INPUTS and running the whole model
+  2^M - 1 times, as the official code does: what AGM costs when used as published.
 
 The two gradmod engine rows use :class:`FixedCoefficients`, a method whose per-step work matches
 the official loop (the same cheaply varying coefficients, precomputed as ``[M]`` tensors, no
@@ -65,7 +73,22 @@ PARAM = "gradmod parameter mode"
 FEATURE = "gradmod feature mode"
 OFFICIAL = "official-style loop (named_parameters + substring, grad *= float)"
 CGGM_FULL = "CGGM full (METHOD cost: +3 MLP classifiers, direction loss; parameter mode)"
-VARIANTS = (PLAIN, CONTROL, PARAM, FEATURE, OFFICIAL, CGGM_FULL)
+OGM_FULL = "OGM-GE full (METHOD cost: logits off the head, GE noise on every tensor)"
+MLB_FULL = "MLB full (METHOD cost: +3 linear heads on the live features; feature mode)"
+AGM_FULL = "AGM full (METHOD cost: 2^M-1 = 7 fusion-head passes for the responses)"
+AGM_INPUT = "AGM, official input masking (METHOD cost: 7 full-model forwards)"
+VARIANTS = (
+    PLAIN,
+    CONTROL,
+    PARAM,
+    FEATURE,
+    OFFICIAL,
+    CGGM_FULL,
+    OGM_FULL,
+    MLB_FULL,
+    AGM_FULL,
+    AGM_INPUT,
+)
 
 
 # ------------------------------------------------------------------------------ coefficients
@@ -300,7 +323,74 @@ def make_variants(base: MultiModalNet, device: torch.device) -> list[Variant]:
         Variant(FEATURE, gradmod_step("feature")),
         Variant(OFFICIAL, official),
         Variant(CGGM_FULL, cggm),
+        Variant(OGM_FULL, method_step(fresh(), gradmod.OGMGE(alpha=0.5), fusion="head")),
+        Variant(
+            MLB_FULL,
+            method_step(
+                fresh(),
+                gradmod.MLB(alpha=0.8),
+                heads={n: nn.Linear(feat_dim, N_CLASSES).to(device) for n in NAMES},
+                mode="feature",
+            ),
+        ),
+        Variant(AGM_FULL, agm_step(fresh(), inputs_masked=False)),
+        Variant(AGM_INPUT, agm_step(fresh(), inputs_masked=True)),
     ]
+
+
+def method_step(
+    model: MultiModalNet,
+    method: gradmod.Method,
+    *,
+    heads: dict[str, nn.Module] | None = None,
+    fusion: str | None = None,
+    mode: gradmod.Mode | None = None,
+) -> Callable[[Batch], None]:
+    """A training step of ``method`` with its own optimizer (heads included)."""
+    ctx = gradmod.ModulationContext(
+        model, heads, encoders=PATHS, method=method, fusion=fusion, mode=mode
+    )
+    opt = torch.optim.Adam([*model.parameters(), *ctx.classifier_parameters()], lr=1e-4)
+
+    def step(batch: Batch) -> None:
+        xs, y = batch
+        logits, feats = model(xs)
+        loss = F.cross_entropy(logits, y)
+        with ctx(features=feats, targets=y):
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def agm_step(model: MultiModalNet, *, inputs_masked: bool) -> Callable[[Batch], None]:
+    """AGM on Shapley responses over masked features (head passes) or inputs (full passes)."""
+    ctx = gradmod.ModulationContext(model, encoders=PATHS, method=gradmod.AGM(alpha=1.0))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def fuse(feats: dict[str, Tensor]) -> Tensor:
+        return model.head(torch.cat([feats[n] for n in NAMES], dim=1))
+
+    def full(xs: dict[str, Tensor]) -> Tensor:
+        return model([xs[n] for n in NAMES])[0]
+
+    def step(batch: Batch) -> None:
+        xs, y = batch
+        if inputs_masked:
+            phi = gradmod.functional.shapley_responses(
+                full, dict(zip(NAMES, xs, strict=True)), module=model
+            )
+        else:
+            _, feats = model(xs)
+            phi = gradmod.functional.shapley_responses(fuse, feats, module=model.head)
+        loss = F.cross_entropy(sum(phi.values()), y)  # type: ignore[arg-type]
+        with ctx(features=phi, targets=y):
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step
 
 
 # ---------------------------------------------------------------------------------- measuring

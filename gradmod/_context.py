@@ -20,7 +20,7 @@ from ._groups import (
     resolve_groups,
     unwrap,
 )
-from ._hooks import HookSet
+from ._hooks import HookSet, is_modulated
 from .methods import CGGM, Binding, Method, Step, StepPlan, Targets
 
 __all__ = ["Mode", "ModulationContext"]
@@ -343,10 +343,9 @@ class ModulationContext:
                 f"{type(self.method).__name__}.plan returned coefficients of shape "
                 f"{tuple(c.shape)}; expected {tuple(self._coeffs.shape)}"
             )
-        with torch.no_grad():
-            c = c.detach().to(self._coeffs.device, self._coeffs.dtype)
-            # Defensive: a non-finite coefficient never reaches a gradient (1 = untouched).
-            self._coeffs.copy_(torch.where(torch.isfinite(c), c, torch.ones_like(c)))
+        self._coeffs.copy_(c.detach())
+        # Defensive: a non-finite coefficient never reaches a gradient (1 = untouched).
+        self._coeffs.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
 
     def _release(self) -> None:
         self._hooks.release()
@@ -357,12 +356,19 @@ class ModulationContext:
         self._active = False
 
     def _mark(self) -> None:
+        """Claim the encoder parameters for this backward, or refuse if another context has.
+
+        Parameter mode's hooks mark their tensors themselves (:func:`is_modulated`); the other
+        modes, which hook no parameter, mark them with an attribute.
+        """
         params = [p for ps in self._binding.groups.values() for p in ps]
-        if any(getattr(p, _MARK, False) for p in params):
+        if any(getattr(p, _MARK, False) or is_modulated(p) for p in params):
             raise RuntimeError(
                 "some of these encoder parameters are already modulated by an active "
                 "ModulationContext; one context per parameter at a time (exit the other first)"
             )
+        if self.mode == "parameter" and self.method.level == "encoders":
+            return
         for p in params:
             setattr(p, _MARK, True)
             self._marked.append(p)

@@ -11,7 +11,37 @@ from torch.utils.hooks import RemovableHandle
 
 from .methods import GradTransform, Injection
 
-__all__ = ["HookSet"]
+__all__ = ["KEY", "HookSet", "is_modulated"]
+
+
+#: The key of gradmod's modulation hook in a parameter's hook dict (one per tensor at a time).
+KEY = "gradmod.modulation"
+
+
+def _identity(grad: Tensor) -> Tensor:
+    return grad
+
+
+def _leaf_hooks(t: Tensor) -> dict[object, Callable[[Tensor], Tensor]] | None:
+    """The hook dict of a leaf tensor (created on first use), or ``None`` where unavailable.
+
+    ``Tensor.register_hook`` stores a leaf's hooks in ``t._backward_hooks``, a dict that autograd
+    reads at every backward; once it exists, adding and removing an entry is all a hook needs.
+    Non-leaf tensors, and torch versions without that dict, use ``register_hook``.
+    """
+    if t.grad_fn is not None or not t.requires_grad:
+        return None
+    hooks = getattr(t, "_backward_hooks", None)
+    if hooks is None:
+        t.register_hook(_identity).remove()  # creates the dict and installs it
+        hooks = getattr(t, "_backward_hooks", None)
+    return hooks if isinstance(hooks, dict) else None
+
+
+def is_modulated(t: Tensor) -> bool:
+    """Whether a gradmod modulation hook is currently registered on leaf tensor ``t``."""
+    hooks = getattr(t, "_backward_hooks", None)
+    return isinstance(hooks, dict) and KEY in hooks
 
 
 def _mul_0d(k: Tensor, grad: Tensor) -> Tensor:
@@ -32,6 +62,7 @@ class HookSet:
         self._coeffs = coefficients
         self._views = [coefficients[i] for i in range(coefficients.shape[0])]
         self._handles: list[RemovableHandle] = []
+        self._keyed: list[dict[object, Callable[[Tensor], Tensor]]] = []
         self._fired: list[bool] = []
         self._what: list[str] = []
 
@@ -47,7 +78,12 @@ class HookSet:
     def scale(
         self, tensors: Mapping[int, Sequence[Tensor]], transform: GradTransform | None
     ) -> None:
-        """Multiply the gradient of every tensor of modality ``m`` by ``k_m`` (or transform it)."""
+        """Multiply the gradient of every tensor of modality ``m`` by ``k_m`` (or transform it).
+
+        Leaf tensors (parameters) get their hook under one fixed key of their hook dict
+        (:data:`KEY`): two dict operations per tensor and step instead of a handle object, and
+        the key itself marks the tensor as modulated (see :func:`is_modulated`).
+        """
         for m, ts in tensors.items():
             k = self._views[m]
             for i, t in enumerate(ts):
@@ -58,7 +94,12 @@ class HookSet:
                     fn = functools.partial(_mul_0d, k)  # 0-d times 0-d would promote
                 else:
                     fn = k.mul
-                self._handles.append(t.register_hook(fn))
+                hooks = _leaf_hooks(t)
+                if hooks is None:
+                    self._handles.append(t.register_hook(fn))
+                else:
+                    hooks[KEY] = fn
+                    self._keyed.append(hooks)
 
     def scale_columns(self, weight: Tensor, widths: Sequence[int]) -> None:
         """Multiply column block ``m`` (of width ``widths[m]``) of ``weight``'s gradient by ``k_m``."""
@@ -75,11 +116,14 @@ class HookSet:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for hooks in self._keyed:
+            hooks.pop(KEY, None)
+        self._keyed.clear()
         self._fired.clear()
         self._what.clear()
 
     def __len__(self) -> int:
-        return len(self._handles)
+        return len(self._handles) + len(self._keyed)
 
     def _adder(self, g: Tensor, slot: int) -> Callable[[Tensor], Tensor]:
         fired = self._fired

@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 torch.set_num_threads(1)
 settings.register_profile("ci", max_examples=60, deadline=None)
+settings.register_profile("thorough", max_examples=2000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

@@ -124,6 +124,8 @@ def test_ogm_methods_md_vector() -> None:
 
 @given(scores_st, alpha_st, st.sampled_from(["official", "continuous"]))
 def test_ogm_matches_naive(s: list[float], alpha: float, form: str) -> None:
+    # the official form jumps at ratio 1: two roundings of the same ratio may land either side
+    assume(form == "continuous" or all(abs(x / others(s, m) - 1) > 1e-9 for m, x in enumerate(s)))
     out = GF.ogm_ge_coefficients(t(s), alpha=alpha, form=form)  # type: ignore[arg-type]
     torch.testing.assert_close(out, t(naive_ogm(s, alpha, form)), rtol=1e-12, atol=1e-12)
 
@@ -156,7 +158,7 @@ def test_ogm_permutation_equivariant(s: list[float], alpha: float, seed: int, fo
     perm = permuted(s, seed)
     k = GF.ogm_ge_coefficients(t(s), alpha=alpha, form=form)  # type: ignore[arg-type]
     kp = GF.ogm_ge_coefficients(t([s[i] for i in perm]), alpha=alpha, form=form)  # type: ignore[arg-type]
-    torch.testing.assert_close(kp, k[perm], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kp, k[perm], rtol=1e-9, atol=1e-12)  # summation order
 
 
 @given(scores_st, alpha_st, st.floats(0.01, 100.0))
@@ -215,7 +217,7 @@ def test_agm_permutation_equivariant(s: list[float], alpha: float, seed: int) ->
     kp = GF.agm_coefficients(
         t([s[i] for i in perm]), t([s_bar[i] for i in perm]), alpha=alpha, cap=7.0
     )
-    torch.testing.assert_close(kp, k[perm], rtol=1e-12, atol=1e-300)
+    torch.testing.assert_close(kp, k[perm], rtol=1e-9, atol=1e-300)  # summation order
 
 
 def test_agm_slows_the_modality_that_got_ahead() -> None:
@@ -277,7 +279,7 @@ def test_mlb_permutation_equivariant(s: list[float], alpha: float, seed: int, hi
     perm = permuted(s, seed)
     k = GF.mlb_coefficients(t(s), alpha=alpha, higher_is_better=higher)
     kp = GF.mlb_coefficients(t([s[i] for i in perm]), alpha=alpha, higher_is_better=higher)
-    torch.testing.assert_close(kp, k[perm], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kp, k[perm], rtol=1e-9, atol=1e-12)  # summation order
 
 
 def test_mlb_regression_boosts_the_modality_with_the_larger_error() -> None:

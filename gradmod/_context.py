@@ -332,8 +332,10 @@ class ModulationContext:
         if missed:
             raise StepError(
                 f"{', '.join(missed)} received no gradient inside the block, so "
-                f"{type(self.method).__name__}'s extra gradient was lost: call loss.backward() "
-                "inside the block with a loss that uses it"
+                f"{type(self.method).__name__}'s extra gradient was lost (zero the gradients "
+                "of this step): call loss.backward() inside the block with a loss that uses it. "
+                "A torch.compile'd model that consumes its features inside the compiled graph "
+                "gives them no gradient of their own: compile the encoders separately"
             )
 
     def _set_coefficients(self, plan: StepPlan) -> None:

@@ -125,10 +125,12 @@ class HookSet:
     def __len__(self) -> int:
         return len(self._handles) + len(self._keyed)
 
-    def _adder(self, g: Tensor, slot: int) -> Callable[[Tensor], Tensor]:
+    def _adder(self, g: Tensor, slot: int) -> Callable[[Tensor], Tensor | None]:
         fired = self._fired
 
-        def add(grad: Tensor) -> Tensor:
+        def add(grad: Tensor | None) -> Tensor | None:
+            if grad is None:  # an output of a compiled graph that only the graph itself used
+                return None  # autograd cannot turn "no gradient" into one: reported on exit
             fired[slot] = True
             return grad + g.to(grad.dtype)
 

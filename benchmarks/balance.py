@@ -45,8 +45,26 @@ Methods (``--methods``; the registry is ``_balance.methods.VARIANTS``, see there
   outputs, loss = CE(fused) + sum_m CE(head_m(h_m));
 * ``cggm``: ``gradmod.CGGM(rho=1.3, lam=0.2)`` (official defaults), classifiers
   ``Linear(32, 32 M) - ReLU - Linear(32 M, classes)`` on the detached features (last weight of
-  the fused head's shape), ``fusion="head"``; grid (declared before running, left out of
-  ``--quick``): ``cggm:rho=1:lam=0.2``, ``cggm:rho=1.3:lam=0``, ``cggm:rho=1:lam=0``.
+  the fused head's shape), ``fusion="head"``; grid: ``cggm:rho=1:lam=0.2``,
+  ``cggm:rho=1.3:lam=0``, ``cggm:rho=1:lam=0``.
+* ``ogm-ge``: ``gradmod.OGMGE(alpha=0.1)`` (gradmod's default, official VGGSound) with GE noise,
+  logits read off the linear fused head, window epochs 0-10 of 20 (official: 0-50 of 100);
+  grid: ``ogm-ge:alpha=0.8`` (official CREMA-D).
+* ``agm``: ``gradmod.AGM(alpha=1.0)`` on the Shapley responses of the fused head (features of
+  absent modalities zeroed, 2^M - 1 head passes), loss on their sum; grid: ``agm:alpha=1.5``.
+* ``mlb``: ``gradmod.MLB(alpha=0.8, scale="official")`` (official: encoder, its head and its
+  slice of the linear fused head scaled), linear heads on the live features; grid:
+  ``mlb:alpha=2``.
+* ``balanced``: ``gradmod.balanced()``, gradmod's recommended configuration
+  (``MLB(alpha=0.8, scale="encoder")``), chosen from this suite's measurements.
+* ``multiloss:gradmod`` (grid): ``gradmod.MultiLoss()``, the same objective as ``multiloss``
+  computed by gradmod (gradients injected into the live features): a check, equal to
+  ``multiloss`` run for run.
+* compositions with CGGM's direction loss (lambda 0.2): ``multiloss+direction`` and
+  ``mlb+direction``, with heads shaped like CGGM's classifiers on the live features (their last
+  weight must have the fused head's shape).
+
+Grids are declared in ``_balance/methods.py`` before anything runs and left out of ``--quick``.
 
 Protocol, identical for every method (so each is paired with ``joint`` and with ``multiloss``):
 per seed one split, one initialisation (built once, ``copy.deepcopy`` per run) and one mini-batch
@@ -72,20 +90,7 @@ configuration), ``traces.json``, ``summary.md`` (also printed) and PNG figures
 ``--workers`` processes (default 2) with one torch thread each; every job seeds everything it
 uses, so the numbers do not depend on the pool.
 
-Observed with the defaults (10 seeds; fused test accuracy %, joint / ensemble / multiloss / cggm;
-the full tables are in ``summary.md``):
-
-* synthetic: Adam 84.4 / 89.5 / 85.8 / 83.1, SGD 72.8 / 89.1 / 81.0 / 73.5. Multi-loss closes
-  27 % (Adam) and 50 % (SGD) of the joint -> ensemble gap and B's probe gap (-2.6 and -9.0 points
-  after joint training vs B alone; -0.5 and -0.4 after multi-loss); CGGM closes neither (fused
-  -1.3 points vs joint with Adam, t = -4.4; +0.7, t = +2.0 with SGD).
-* synthetic-misleading: joint training beats the ensemble (Adam 92.9 vs 86.3, SGD 92.0 vs
-  85.0: the fused head uses A to narrow the class down to {c, pi^-1(c)}); multi-loss +1.0 / +1.4,
-  CGGM +0.1 / -0.2: balancing did not hurt here.
-* UCI view sets: no joint -> ensemble gap (joint >= ensemble everywhere but fac+zer SGD, 0.5
-  points); the weak view's probe after joint training is 5-10 points below the view trained
-  alone (fou in pix+fou: -5.4 Adam, -9.5 SGD), multi-loss closes most of it (-0.5, -1.0), CGGM
-  does not (-5.6, -9.8); fused accuracy moves by < 0.4 points for every method.
+Measured results, with the exact configurations, are in ``docs/benchmark.md``.
 """
 
 from __future__ import annotations

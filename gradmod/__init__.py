@@ -31,6 +31,7 @@ by a per-step coefficient chosen by a published method, inside your own training
 from . import functional
 from ._context import Mode, ModulationContext
 from ._errors import ConfigurationError, GradmodError, StepError
+from ._recommended import balanced
 from .methods import (
     AGM,
     CGGM,
@@ -65,5 +66,6 @@ __all__ = [
     "StepPlan",
     "Targets",
     "__version__",
+    "balanced",
     "functional",
 ]

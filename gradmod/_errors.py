@@ -23,6 +23,10 @@ class ConfigurationError(GradmodError, ValueError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"gradmod found {len(self.problems)} configuration problem(s):\n{lines}")
 
+    def __reduce__(self) -> tuple[type[ConfigurationError], tuple[list[str]]]:
+        # picklable as itself (multiprocessing, DDP spawn): rebuilt from the problem list
+        return (type(self), (self.problems,))
+
 
 class StepError(GradmodError, ValueError):
     """The inputs of one step (features, targets) are unusable; nothing was modulated."""

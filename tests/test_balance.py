@@ -134,6 +134,28 @@ def test_results_do_not_depend_on_the_pool(tmp_path: Path) -> None:
     assert one == two
 
 
+def test_every_registered_method_runs_and_gradmod_multiloss_is_the_hand_written_one(
+    tmp_path: Path,
+) -> None:
+    """One tiny run of every default variant; gradmod's MultiLoss (gradients injected into the
+    live features) trains exactly like the benchmark's own hand-written multi-loss objective."""
+    quick = [n for n, v in methods.VARIANTS.items() if not v.grid]
+    argv = [*SMOKE, "--settings", "synthetic", "--optimizers", "sgd", "--seeds", "1"]
+    argv += ["--methods", ",".join([*quick, "multiloss:gradmod"]), "--no-plots"]
+    records = balance.main([*argv, "--workers", "1", "--out", str(tmp_path)])
+    by = {r["method"]: r for r in records}
+    assert set(quick) <= set(by)
+    for name in quick:
+        assert _finite(by[name]["fused_acc"]), name
+        if methods.VARIANTS[name].context is not None and name != "multiloss+direction":
+            assert by[name]["coefficients"] is not None, name
+    hand, lib = by["multiloss"], by["multiloss:gradmod"]
+    assert lib["fused_acc"] == pytest.approx(hand["fused_acc"], abs=1e-12)
+    for m in ("A", "B"):
+        assert lib["share_acc"][m] == pytest.approx(hand["share_acc"][m], abs=1e-12)
+        assert lib["probe_acc"][m] == pytest.approx(hand["probe_acc"][m], abs=0.02)
+
+
 def test_help_list_and_quick_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         balance.parse_args(["--help"])
@@ -145,7 +167,12 @@ def test_help_list_and_quick_defaults(capsys: pytest.CaptureFixture[str]) -> Non
     assert "cggm:rho=1:lam=0" in capsys.readouterr().out
     quick = balance.parse_args(["--quick"])
     assert quick.settings == [balance.QUICK_SETTING] and quick.seeds == 3
-    assert quick.methods == ["joint", "multiloss", "cggm"]  # grid points left out
+    # every method's default configuration; grid points left out
+    assert quick.methods == [n for n, v in methods.VARIANTS.items() if not v.grid]
+    assert {"joint", "multiloss", "cggm", "ogm-ge", "agm", "mlb", "mlb+direction"} <= set(
+        quick.methods
+    )
+    assert not {"cggm:rho=1:lam=0", "mlb:alpha=2", "multiloss:gradmod"} & set(quick.methods)
     full = balance.parse_args([])
     assert full.settings == list(data.SETTINGS) and full.seeds == 10
     assert full.methods == list(methods.VARIANTS)

@@ -764,3 +764,28 @@ def test_method_coefficients_follow_the_modality_order(kind: str) -> None:
     assert permuted.names == ("c", "a", "b")
     for n in names:
         assert kp[n] == pytest.approx(k[n], rel=1e-9, abs=1e-12)
+
+
+def test_balanced_is_the_measured_mlb_configuration() -> None:
+    method = gradmod.balanced()
+    assert isinstance(method, gradmod.MLB)
+    assert (method.alpha, method.scale, method.beta, method.direction) == (
+        0.8,
+        "encoder",
+        None,
+        0.0,
+    )
+    assert gradmod.balanced(task="regression", alpha=1.0).task == "regression"
+    # it runs as any method: the step matches the MLB reference
+    names = ("a", "b", "c")
+    model, heads = make(names), linear_heads(names)
+    ctx = ctx_for(model, gradmod.balanced(), heads)
+    xs, y = data(names)
+    k_ref, g_ref, _ = multiloss_reference(model, heads, xs, y, alpha=0.8, official=False)
+    xd, yd = dev(xs, y)
+    feats = model.features(xd)
+    with ctx(features=feats, targets=yd):
+        F.cross_entropy(model.fuse(feats), yd).backward()
+    close(ctx.coefficients, torch.tensor(k_ref, dtype=F64), "k")
+    for pn, p in model.named_parameters():
+        close(p.grad, g_ref[pn], pn)

@@ -11,19 +11,20 @@ A variant trains the late-fusion model (:class:`~.models.FusedNet`) with
   it at ``classifier_lr_ratio`` times the model's learning rate; ``ctx.coefficients`` is
   recorded every step.
 
-Adding a method is one decorated factory (see ``EXTENSION POINT`` below)::
+Adding a method is one decorated factory::
 
-    @register("mlb", aux_loss=True, alpha=0.8)
+    @register("mlb:alpha=1", heads="linear", alpha=1.0)
     def _mlb(parts: Parts, config: Config) -> gradmod.ModulationContext:
         return gradmod.ModulationContext(
             parts.model,
-            dict(parts.heads),  # the live unimodal heads the multi-loss objective trains
+            dict(parts.heads),  # the live unimodal heads; gradmod adds their loss
             encoders=parts.encoder_paths(),
             method=gradmod.MLB(alpha=config["alpha"]),
             fusion="head",
         )
 
-The grid is declared here, before anything runs (:data:`CGGM_GRID`).
+The grids are declared here, before anything runs (:data:`CGGM_GRID`, :data:`OGM_GRID`,
+:data:`AGM_GRID`, and the ``mlb:*`` points).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ import gradmod
 from .models import Parts
 
 __all__ = [
+    "AGM_GRID",
     "CGGM_GRID",
+    "OGM_GRID",
     "REFERENCES",
     "VARIANTS",
     "Config",
@@ -63,6 +66,8 @@ class Variant:
     context: ContextFactory | None = None
     config: Config = field(default_factory=dict)
     grid: bool = False  # a grid point (left out of ``--quick`` unless named in ``--methods``)
+    heads: str | None = None  # unimodal heads the network trains: None, "linear" or "mlp"
+    responses: bool = False  # train on AGM's Shapley responses (their sum is the fused output)
 
 
 #: name -> variant, in table order. ``joint`` and ``multiloss`` are the paired baselines.
@@ -75,17 +80,25 @@ def _check_name(name: str) -> None:
 
 
 def register(
-    name: str, *, aux_loss: bool = False, grid: bool = False, **config: Any
+    name: str,
+    *,
+    aux_loss: bool = False,
+    grid: bool = False,
+    heads: str | None = None,
+    responses: bool = False,
+    **config: Any,
 ) -> Callable[[ContextFactory], ContextFactory]:
     """Decorator: register ``factory`` as variant ``name`` with hyper-parameters ``config``.
 
     ``config`` is recorded with every run and handed to the factory; ``aux_loss`` selects the
-    multi-loss objective; ``grid`` marks a grid point (not run by ``--quick``).
+    hand-written multi-loss objective; ``grid`` marks a grid point (not run by ``--quick``);
+    ``heads`` puts unimodal heads in the trained network (gradmod's MultiLoss/MLB train them);
+    ``responses`` trains on Shapley responses (AGM).
     """
     _check_name(name)
 
     def add(factory: ContextFactory) -> ContextFactory:
-        VARIANTS[name] = Variant(name, aux_loss, factory, dict(config), grid)
+        VARIANTS[name] = Variant(name, aux_loss, factory, dict(config), grid, heads, responses)
         return factory
 
     return add
@@ -121,21 +134,73 @@ for _rho, _lam in CGGM_GRID:
     register(_name, grid=not _default, rho=_rho, lam=_lam)(cggm)
 
 
-# ============================================================================ EXTENSION POINT
-# Methods being added to gradmod (OGM-GE, AGM, MLB) and compositions: register one factory each,
-# e.g. (uncomment when gradmod ships them; the names of their classes/arguments may differ):
-#
-# @register("ogm-ge", alpha=0.8)
-# def _ogm_ge(parts: Parts, config: Config) -> gradmod.ModulationContext:
-#     return gradmod.ModulationContext(
-#         parts.model, None, encoders=parts.encoder_paths(),
-#         method=gradmod.OGMGE(alpha=config["alpha"]), fusion="head",
-#     )
-#
-# @register("mlb", aux_loss=True, alpha=0.8)          # MLB trains inside the multi-loss objective
-# def _mlb(parts: Parts, config: Config) -> gradmod.ModulationContext:
-#     return gradmod.ModulationContext(
-#         parts.model, dict(parts.heads), encoders=parts.encoder_paths(),
-#         method=gradmod.MLB(alpha=config["alpha"]), fusion="head",
-#     )
-# ==============================================================================================
+# ------------------------------------------------------------------------- gradmod.OGMGE
+def ogm_ge(parts: Parts, config: Config) -> gradmod.ModulationContext:
+    """Unimodal logits read off the linear fused head; GE noise; the first half of training."""
+    return gradmod.ModulationContext(
+        parts.model,
+        encoders=parts.encoder_paths(),
+        method=gradmod.OGMGE(alpha=config["alpha"], window=config["window"], seed=0),
+        fusion="head",
+    )
+
+
+#: gradmod's default alpha (official VGGSound), then CREMA-D's; the official window is epochs
+#: 0-50 of 100, here epochs 0-10 of 20 (``set_epoch`` counts from 0).
+OGM_GRID: tuple[float, ...] = (0.1, 0.8)
+for _alpha in OGM_GRID:
+    _name = "ogm-ge" if _alpha == 0.1 else f"ogm-ge:alpha={_alpha:g}"
+    register(_name, grid=_alpha != 0.1, alpha=_alpha, window=(0, 10))(ogm_ge)
+
+
+# ---------------------------------------------------------------------------- gradmod.AGM
+def agm(parts: Parts, config: Config) -> gradmod.ModulationContext:
+    """AGM on the Shapley responses of the fused head (features of absent modalities zeroed)."""
+    return gradmod.ModulationContext(
+        parts.model, encoders=parts.encoder_paths(), method=gradmod.AGM(alpha=config["alpha"])
+    )
+
+
+AGM_GRID: tuple[float, ...] = (1.0, 1.5)  # official default, CREMA-D
+for _alpha in AGM_GRID:
+    _name = "agm" if _alpha == 1.0 else f"agm:alpha={_alpha:g}"
+    register(_name, grid=_alpha != 1.0, responses=True, alpha=_alpha)(agm)
+
+
+# --------------------------------------------------------------- gradmod.MultiLoss and MLB
+def gradmod_multiloss(parts: Parts, config: Config) -> gradmod.ModulationContext:
+    """gradmod's multi-loss: the heads' loss gradients injected into the live features."""
+    heads = parts.classifiers if config.get("mlp_heads") else parts.heads
+    direction = config.get("direction", 0.0)
+    if "alpha" in config:
+        method: gradmod.Method = gradmod.MLB(
+            alpha=config["alpha"], scale=config["scale"], direction=direction
+        )
+    else:
+        method = gradmod.MultiLoss(direction=direction)
+    return gradmod.ModulationContext(
+        parts.model, dict(heads), encoders=parts.encoder_paths(), method=method, fusion="head"
+    )
+
+
+# the same objective as "multiloss", computed by gradmod: a check of the injection
+register("multiloss:gradmod", grid=True, heads="linear")(gradmod_multiloss)
+# MLB's official configuration (alpha 0.8 on CREMA-D/AVE; encoder + head + fusion slice scaled)
+register("mlb", heads="linear", alpha=0.8, scale="official")(gradmod_multiloss)
+
+
+@register("balanced", heads="linear", recommended="gradmod.balanced()")
+def _balanced(parts: Parts, config: Config) -> gradmod.ModulationContext:
+    """gradmod's recommended configuration (MLB, alpha 0.8, encoder scaling), by its name."""
+    return gradmod.ModulationContext(
+        parts.model, dict(parts.heads), encoders=parts.encoder_paths(), method=gradmod.balanced()
+    )
+
+
+register("mlb:alpha=2", grid=True, heads="linear", alpha=2.0, scale="official")(gradmod_multiloss)
+# compositions with CGGM's direction loss: heads shaped like CGGM's classifiers (their last
+# weight has the fused head's shape), on the live features
+register("multiloss+direction", heads="mlp", mlp_heads=True, direction=0.2)(gradmod_multiloss)
+register("mlb+direction", heads="mlp", mlp_heads=True, alpha=0.8, scale="official", direction=0.2)(
+    gradmod_multiloss
+)

@@ -92,15 +92,22 @@ def build_parts(dims: dict[str, int], hidden: int, feature: int, classes: int, s
 
 
 class FusedNet(nn.Module):
-    """A fused run: the late-fusion model, plus the unimodal heads when ``aux_loss``.
+    """A fused run: the late-fusion model, plus the unimodal heads it trains.
 
-    Loss: ``CE(fused)`` + (``sum_m CE(head_m(h_m))`` on the live features if ``aux_loss``).
+    ``heads``: which unimodal heads belong to the trained network (optimised at the model's
+    learning rate and clipped with it): ``None``, ``"linear"`` (:attr:`Parts.heads`) or
+    ``"mlp"`` (heads shaped like the CGGM classifiers, for the direction loss).
+    Loss: ``CE(fused)`` + (``sum_m CE(head_m(h_m))`` on the live features if ``aux_loss``; the
+    gradmod methods MultiLoss/MLB add that term themselves and leave ``aux_loss`` off).
     """
 
-    def __init__(self, parts: Parts, aux_loss: bool) -> None:
+    def __init__(self, parts: Parts, aux_loss: bool, heads: str | None = None) -> None:
         super().__init__()
         self.model = parts.model
-        self.heads = parts.heads if aux_loss else nn.ModuleDict()
+        if aux_loss and heads is None:
+            heads = "linear"
+        chosen = {"linear": parts.heads, "mlp": parts.classifiers, None: nn.ModuleDict()}
+        self.heads = chosen[heads]
         self.aux_loss = aux_loss
 
     @property

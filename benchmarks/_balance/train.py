@@ -211,11 +211,26 @@ def _batches(
 
 
 def _backward(
-    net: Net, ctx: gradmod.ModulationContext | None, xb: dict[str, Tensor], yb: Tensor
+    net: Net,
+    ctx: gradmod.ModulationContext | None,
+    xb: dict[str, Tensor],
+    yb: Tensor,
+    responses: bool = False,
 ) -> Tensor | None:
-    """Forward and backward of one batch (modulated inside ``ctx``); returns the factors."""
+    """Forward and backward of one batch (modulated inside ``ctx``); returns the factors.
+
+    With ``responses`` (AGM), the loss is taken on the sum of the fused head's Shapley
+    responses (equal to the fused logits) and the context scales the responses' gradients.
+    """
     feats = net.features(xb)
-    loss = net.loss(feats, yb)
+    if responses:
+        assert isinstance(net, FusedNet)
+        model = net.model
+        phi = gradmod.functional.shapley_responses(model.fuse, feats, module=model.head)
+        loss = F.cross_entropy(torch.stack(list(phi.values())).sum(0), yb)
+        feats = phi
+    else:
+        loss = net.loss(feats, yb)
     if ctx is None:
         loss.backward()
         return None
@@ -253,6 +268,7 @@ def train(
     cfg: TrainConfig,
     seed: int,
     trace: bool,
+    responses: bool = False,
 ) -> Trained:
     """Train ``net`` (in place, best-validation weights loaded at the end)."""
     start = time.perf_counter()
@@ -265,11 +281,13 @@ def train(
     step = 0
     net.train()
     for epoch in range(1, cfg.epochs + 1):
+        if ctx is not None:
+            ctx.set_epoch(epoch - 1)  # epochs count from 0 for the methods (OGM-GE's window)
         for xb, yb in _batches(split, net.names, cfg.batch_size, order):
             due = tracer is not None and tracer.due(step)
             if due and tracer is not None:
                 tracer.before_step(step, xb, yb)
-            k = _backward(net, ctx, xb, yb)
+            k = _backward(net, ctx, xb, yb, responses)
             if k is not None:
                 coeffs.append(k)
             if due and tracer is not None:
@@ -359,11 +377,12 @@ def _run_variant(
     job: Job, variant: Variant, parts: Parts, split: Split
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     parts = copy.deepcopy(parts)
-    net = FusedNet(parts, variant.aux_loss)
+    net = FusedNet(parts, variant.aux_loss, variant.heads)
     ctx = variant.context(parts, variant.config) if variant.context is not None else None
-    tr = train(net, ctx, split, OPTIMIZERS[job.optimizer], job.config, job.seed, job.trace)
+    spec = OPTIMIZERS[job.optimizer]
+    tr = train(net, ctx, split, spec, job.config, job.seed, job.trace, variant.responses)
     ev = evaluate(net, split, job.config.probe_steps)
-    config = {"aux_loss": variant.aux_loss, **variant.config}
+    config = {"aux_loss": variant.aux_loss, "heads": variant.heads, **variant.config}
     trace = _trace(job, variant.name, tr, parts.names) if job.trace else None
     return _record(job, variant.name, config, ev, tr), trace
 

@@ -110,7 +110,7 @@ class FixedCoefficients(gradmod.Method):
 
     def __init__(self) -> None:
         super().__init__()
-        self.step = 0
+        self.counter = [0]  # a plain list: nn.Module.__setattr__ would cost more than the rest
         self.table: list[Tensor] = []
 
     def plan(self, binding: Binding, step: Step) -> StepPlan:
@@ -119,8 +119,8 @@ class FixedCoefficients(gradmod.Method):
             self.table = [
                 torch.tensor(coefficient_values(s, m), device=binding.device) for s in range(CYCLE)
             ]
-        self.step += 1
-        return StepPlan(self.table[self.step % CYCLE])
+        self.counter[0] += 1
+        return StepPlan(self.table[self.counter[0] % CYCLE])
 
 
 # ------------------------------------------------------------------------------------ models

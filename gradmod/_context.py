@@ -20,17 +20,27 @@ from ._groups import (
     resolve_groups,
     unwrap,
 )
-from ._hooks import HookSet, is_modulated
+from ._hooks import HookSet
 from .methods import CGGM, Binding, Method, Step, StepPlan, Targets
 
 __all__ = ["Mode", "ModulationContext"]
 
 Mode = Literal["parameter", "feature"]
-_MARK = "_gradmod_modulated"
+#: Attribute of every encoder parameter: a one-item list naming the context that currently
+#: modulates it (or ``None``), shared by every context built over that parameter.
+_CLAIM = "_gradmod_claim"
 
 
 def _coef_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _claim_cell(p: Tensor) -> list[object]:
+    cell = p.__dict__.get(_CLAIM)
+    if not isinstance(cell, list):
+        cell = [None]
+        setattr(p, _CLAIM, cell)
+    return cell
 
 
 class ModulationContext:
@@ -170,7 +180,8 @@ class ModulationContext:
         # float64: exact for float64 models; a 0-d factor never promotes a bf16/fp32 gradient.
         self._coeffs = torch.ones(len(names), device=device, dtype=_coef_dtype(device))
         self._hooks = HookSet(self._coeffs)
-        self._marked: list[Tensor] = []
+        self._claims = [_claim_cell(p) for ps in self._binding.groups.values() for p in ps]
+        self._claimed = False
         self._deferred: list[tuple[Tensor, Tensor]] = []
         self._active = False
         self._feature_checked = False
@@ -351,29 +362,22 @@ class ModulationContext:
 
     def _release(self) -> None:
         self._hooks.release()
-        for t in self._marked:
-            if hasattr(t, _MARK):
-                delattr(t, _MARK)
-        self._marked.clear()
+        if self._claimed:
+            for cell in self._claims:
+                cell[0] = None
+            self._claimed = False
         self._active = False
 
     def _mark(self) -> None:
-        """Claim the encoder parameters for this backward, or refuse if another context has.
-
-        Parameter mode's hooks mark their tensors themselves (:func:`is_modulated`); the other
-        modes, which hook no parameter, mark them with an attribute.
-        """
-        params = [p for ps in self._binding.groups.values() for p in ps]
-        if any(getattr(p, _MARK, False) or is_modulated(p) for p in params):
+        """Claim the encoder parameters for this backward, or refuse if another context has."""
+        if any(cell[0] is not None for cell in self._claims):
             raise RuntimeError(
                 "some of these encoder parameters are already modulated by an active "
                 "ModulationContext; one context per parameter at a time (exit the other first)"
             )
-        if self.mode == "parameter" and self.method.level == "encoders":
-            return
-        for p in params:
-            setattr(p, _MARK, True)
-            self._marked.append(p)
+        for cell in self._claims:
+            cell[0] = self
+        self._claimed = True
 
     def _hooks_features(self) -> bool:
         m = self.method
@@ -483,10 +487,12 @@ class ModulationContext:
             )
         return scale  # type: ignore[no-any-return]
 
-    @torch.no_grad()
     def _accumulate(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
-        if not pairs:
-            return
+        if pairs:
+            with torch.no_grad():
+                self._accumulate_now(pairs)
+
+    def _accumulate_now(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
         grads = [g for _, g in pairs]
         world = self._world()
         if world > 1:

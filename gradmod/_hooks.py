@@ -11,7 +11,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .methods import GradTransform, Injection
 
-__all__ = ["KEY", "HookSet", "is_modulated"]
+__all__ = ["KEY", "HookSet"]
 
 
 #: The key of gradmod's modulation hook in a parameter's hook dict (one per tensor at a time).
@@ -36,12 +36,6 @@ def _leaf_hooks(t: Tensor) -> dict[object, Callable[[Tensor], Tensor]] | None:
         t.register_hook(_identity).remove()  # creates the dict and installs it
         hooks = getattr(t, "_backward_hooks", None)
     return hooks if isinstance(hooks, dict) else None
-
-
-def is_modulated(t: Tensor) -> bool:
-    """Whether a gradmod modulation hook is currently registered on leaf tensor ``t``."""
-    hooks = getattr(t, "_backward_hooks", None)
-    return isinstance(hooks, dict) and KEY in hooks
 
 
 def _mul_0d(k: Tensor, grad: Tensor) -> Tensor:
@@ -81,8 +75,7 @@ class HookSet:
         """Multiply the gradient of every tensor of modality ``m`` by ``k_m`` (or transform it).
 
         Leaf tensors (parameters) get their hook under one fixed key of their hook dict
-        (:data:`KEY`): two dict operations per tensor and step instead of a handle object, and
-        the key itself marks the tensor as modulated (see :func:`is_modulated`).
+        (:data:`KEY`): two dict operations per tensor and step instead of a handle object.
         """
         for m, ts in tensors.items():
             k = self._views[m]

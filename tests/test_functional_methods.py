@@ -9,6 +9,7 @@ import math
 import hypothesis.strategies as st
 import pytest
 import torch
+from _refs import shapley
 from hypothesis import assume, given
 from settings import DEVICE
 from torch import nn
@@ -309,25 +310,6 @@ def test_gradcheck_coefficient_rules() -> None:
 
 
 # ------------------------------------------------------------------------ Shapley values
-def naive_shapley(f, xs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
-    """Average marginal contribution over all orderings; the empty coalition is worth 0."""
-    names = list(xs)
-
-    def v(present: frozenset[str]) -> torch.Tensor:
-        if not present:
-            return torch.zeros_like(f(xs))
-        return f({n: xs[n] if n in present else torch.zeros_like(xs[n]) for n in names})
-
-    out = {n: torch.zeros_like(f(xs)) for n in names}
-    orders = list(itertools.permutations(names))
-    for order in orders:
-        seen: frozenset[str] = frozenset()
-        for n in order:
-            out[n] += v(seen | {n}) - v(seen)
-            seen = seen | {n}
-    return {n: o / len(orders) for n, o in out.items()}
-
-
 class Fuse(nn.Module):
     def __init__(self, dims: dict[str, int]) -> None:
         super().__init__()
@@ -345,7 +327,7 @@ def test_shapley_matches_naive_enumeration_and_sums_to_the_output(m: int) -> Non
     fuse = Fuse(dims).to(F64).eval()
     xs = {n: torch.randn(5, d, dtype=F64) for n, d in dims.items()}
     phi = GF.shapley_responses(fuse, xs)
-    ref = naive_shapley(fuse, xs)
+    ref = shapley(fuse, xs)
     assert list(phi) == list(dims)
     for n in dims:
         torch.testing.assert_close(phi[n], ref[n], rtol=1e-12, atol=1e-12)

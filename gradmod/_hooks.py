@@ -38,6 +38,11 @@ def _leaf_hooks(t: Tensor) -> dict[object, Callable[[Tensor], Tensor]] | None:
     return hooks if isinstance(hooks, dict) else None
 
 
+def _witness(flags: list[bool], m: int, fn: Callable[[Tensor], Tensor], grad: Tensor) -> Tensor:
+    flags[m] = True
+    return fn(grad)
+
+
 def _mul_0d(k: Tensor, grad: Tensor) -> Tensor:
     return (grad * k).to(grad.dtype)
 
@@ -59,12 +64,17 @@ class HookSet:
         self._keyed: list[dict[object, Callable[[Tensor], Tensor]]] = []
         self._fired: list[bool] = []
         self._what: list[str] = []
+        self._scaled: list[bool] = []
 
     # --------------------------------------------------------------------------- registering
-    def inject(self, injections: Sequence[Injection], loss_scale: Tensor | None) -> None:
-        """Add each injection's gradient to its tensor's gradient (register these first)."""
+    def inject(
+        self, injections: Sequence[Injection], loss_scale: Tensor | None, weight: float = 1.0
+    ) -> None:
+        """Add each injection's gradient (times ``weight`` and the loss scale) to its tensor's
+        gradient (register these first)."""
         for inj in injections:
             g = inj.grad * loss_scale.to(inj.grad.dtype) if loss_scale is not None else inj.grad
+            g = g * weight if weight != 1.0 else g
             self._fired.append(False)
             self._what.append(inj.what)
             self._handles.append(inj.tensor.register_hook(self._adder(g, len(self._fired) - 1)))
@@ -77,6 +87,7 @@ class HookSet:
         Leaf tensors (parameters) get their hook under one fixed key of their hook dict
         (:data:`KEY`): two dict operations per tensor and step instead of a handle object.
         """
+        self._scaled = [False] * len(self._views)
         for m, ts in tensors.items():
             k = self._views[m]
             for i, t in enumerate(ts):
@@ -87,6 +98,8 @@ class HookSet:
                     fn = functools.partial(_mul_0d, k)  # 0-d times 0-d would promote
                 else:
                     fn = k.mul
+                if i == 0:  # one witness per modality that its gradients went through a hook
+                    fn = functools.partial(_witness, self._scaled, m, fn)
                 hooks = _leaf_hooks(t)
                 if hooks is None:
                     self._handles.append(t.register_hook(fn))
@@ -96,11 +109,14 @@ class HookSet:
 
     def scale_columns(self, weight: Tensor, widths: Sequence[int]) -> None:
         """Multiply column block ``m`` (of width ``widths[m]``) of ``weight``'s gradient by ``k_m``."""
-        sizes = torch.tensor(list(widths), device=self._coeffs.device)
-        cols = torch.repeat_interleave(self._coeffs, sizes, output_size=sum(widths))
+        cols = torch.cat([v.expand(w) for v, w in zip(self._views, widths, strict=True)])
         self._handles.append(weight.register_hook(cols.to(weight.dtype).mul))
 
     # ----------------------------------------------------------------------------- leaving
+    def scaled_any(self) -> bool:
+        """Whether any modality's gradient passed through a scaling hook in this backward."""
+        return any(self._scaled)
+
     def missed(self) -> list[str]:
         """What each injection that never fired was for."""
         return [w for w, f in zip(self._what, self._fired, strict=True) if not f]
@@ -114,6 +130,7 @@ class HookSet:
         self._keyed.clear()
         self._fired.clear()
         self._what.clear()
+        self._scaled = []
 
     def __len__(self) -> int:
         return len(self._handles) + len(self._keyed)

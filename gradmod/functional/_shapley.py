@@ -92,7 +92,9 @@ def shapley_responses(
     finally:
         for sub, flag in flags:
             sub.training = flag
-    stacked = torch.stack([values[mask] for mask in range(1, 2**m)])
-    a = torch.tensor(_weights(m), dtype=stacked.dtype, device=stacked.device)
-    phi = torch.tensordot(a, stacked, dims=1)
-    return dict(zip(names, phi.unbind(0), strict=True))
+    # Python-float weights: no host-to-device copy of a weight matrix on every call
+    coalitions = [values[mask] for mask in range(1, 2**m)]
+    out = {}
+    for name, row in zip(names, _weights(m), strict=True):
+        out[name] = sum(w * v for w, v in zip(row, coalitions, strict=True))
+    return out  # type: ignore[return-value]

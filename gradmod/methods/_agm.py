@@ -82,6 +82,8 @@ class AGM(Method):
                     f"is used with {m}; call reset() or use a new instance"
                 )
             self.score_sum = torch.zeros(m, device=binding.device, dtype=dtype)
+        if self.score_sum.device != binding.device:  # e.g. loaded from a CPU checkpoint
+            self.score_sum = self.score_sum.to(binding.device)
         like = self.score_sum
         with torch.no_grad():
             per_sample = [
@@ -92,7 +94,6 @@ class AGM(Method):
             k = GF.agm_coefficients(
                 scores, self.running_scores().to(like.device), alpha=self.alpha, cap=cap
             )
-            self.score_sum = self.score_sum.to(binding.device)
             self.score_sum += scores
             self.steps += 1
             self.last_coefficients = k.clone()

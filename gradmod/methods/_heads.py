@@ -86,7 +86,7 @@ def global_mean(scores: Sequence[Tensor], reduce: Reduce, like: Tensor) -> Tenso
     for s in scores:
         s = s.detach().to(like.dtype)
         sums.append(s.sum())
-        counts.append(s.new_tensor(float(s.numel())) if s.dim() else s.new_ones(()))
+        counts.append(s.new_full((), float(s.numel())))  # a fill: no host-to-device copy
     totals = reduce(torch.stack([torch.stack(sums), torch.stack(counts)]).to(like.device))
     return totals[0] / totals[1].clamp_min(1.0)
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as GF
+from .._errors import StepError
 from ._base import Binding, Method, Step, StepPlan, Targets
 
 __all__ = ["OGMGE"]
@@ -165,7 +166,7 @@ class OGMGE(Method):
             assert isinstance(head, nn.Linear)
             widths = [f.shape[-1] for f in features]
             if sum(widths) != head.in_features:
-                raise ValueError(
+                raise StepError(
                     f"the fusion Linear takes {head.in_features} inputs but the features' widths "
                     f"{widths} add up to {sum(widths)}: OGM-GE needs the fusion head to be one "
                     "Linear over the features concatenated in modality order"
@@ -216,6 +217,12 @@ class OGMGE(Method):
 
     def _noisy(self, k: Tensor, m: int, i: int, grad: Tensor) -> Tensor:
         """``k * grad`` plus, at the boundary micro-batch, the GE noise (a gradient hook)."""
+        if grad.is_sparse:
+            raise RuntimeError(
+                "OGM-GE's noise needs dense gradients, but a parameter of modality "
+                f"{m} has a sparse one (an embedding with sparse=True): use a dense embedding "
+                "or OGMGE(ge=False)"
+            )
         scaled = (grad * k).to(grad.dtype)
         key = (m, i)
         if not self._boundary:

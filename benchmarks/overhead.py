@@ -244,25 +244,6 @@ def make_variants(base: MultiModalNet, device: torch.device) -> list[Variant]:
 
         return step
 
-    # (2), (3) gradmod with the engine-only method
-    def gradmod_step(mode: gradmod.Mode) -> Callable[[Batch], None]:
-        model = fresh()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        ctx = gradmod.ModulationContext(
-            model, encoders=PATHS, method=FixedCoefficients(), mode=mode
-        )
-
-        def step(batch: Batch) -> None:
-            xs, y = batch
-            logits, feats = model(xs)
-            loss = F.cross_entropy(logits, y)
-            with ctx(features=feats, targets=y):
-                loss.backward()
-            opt.step()
-            opt.zero_grad()
-
-        return step
-
     # (4) the seed repositories' loop
     m_off = fresh()
     opt_off = torch.optim.Adam(m_off.parameters(), lr=1e-4)
@@ -297,32 +278,17 @@ def make_variants(base: MultiModalNet, device: torch.device) -> list[Variant]:
         )
         for n in NAMES
     }
-    ctx_cggm = gradmod.ModulationContext(
-        m_cggm,
-        classifiers,
-        encoders=PATHS,
-        method=gradmod.CGGM(rho=1.3, lam=0.2),
-        fusion="head",
-        mode="parameter",
-    )
-    opt_cggm = torch.optim.Adam([*m_cggm.parameters(), *ctx_cggm.classifier_parameters()], lr=1e-4)
-
-    def cggm(batch: Batch) -> None:
-        xs, y = batch
-        logits, feats = m_cggm(xs)
-        loss = F.cross_entropy(logits, y)
-        with ctx_cggm(features=feats, targets=y):
-            loss.backward()
-        opt_cggm.step()
-        opt_cggm.zero_grad()
-
     return [
         Variant(PLAIN, plain_step()),
         Variant(CONTROL, plain_step()),
-        Variant(PARAM, gradmod_step("parameter")),
-        Variant(FEATURE, gradmod_step("feature")),
+        # the engine alone, with the engine-only method
+        Variant(PARAM, method_step(fresh(), FixedCoefficients(), mode="parameter")),
+        Variant(FEATURE, method_step(fresh(), FixedCoefficients(), mode="feature")),
         Variant(OFFICIAL, official),
-        Variant(CGGM_FULL, cggm),
+        Variant(
+            CGGM_FULL,
+            method_step(m_cggm, gradmod.CGGM(rho=1.3, lam=0.2), heads=classifiers, fusion="head"),
+        ),
         Variant(OGM_FULL, method_step(fresh(), gradmod.OGMGE(alpha=0.5), fusion="head")),
         Variant(
             MLB_FULL,

@@ -132,9 +132,6 @@ class HookSet:
         self._what.clear()
         self._scaled = []
 
-    def __len__(self) -> int:
-        return len(self._handles) + len(self._keyed)
-
     def _adder(self, g: Tensor, slot: int) -> Callable[[Tensor], Tensor | None]:
         fired = self._fired
 

@@ -103,6 +103,36 @@ def grads_of(module: nn.Module) -> dict[str, Tensor]:
     return {n: p.grad.detach().clone() for n, p in module.named_parameters()}
 
 
+def _train_steps(
+    rank: int, ddp: DDP, heads: dict[str, nn.Module], ctx: gradmod.ModulationContext
+) -> list[dict]:
+    """STEPS steps of SGD on this rank's slice; records state, coefficients and gradients.
+
+    The loss is the rank's summed loss times WORLD / n: DDP's average then makes the result the
+    gradient of the global mean loss, also with unequal per-rank batch sizes.
+    """
+    model = ddp.module
+    opt = torch.optim.SGD([*model.parameters(), *ctx.classifier_parameters()], lr=LR)
+    out = []
+    n_total = sum(SIZES)
+    for step in range(STEPS):
+        rec: dict = {"model": snapshot(model), "heads": {n: snapshot(h) for n, h in heads.items()}}
+        xs, y = global_batch(step)
+        sl = rank_slice(rank)
+        xs, y = {k: v[sl] for k, v in xs.items()}, y[sl]
+        logits, feats = ddp(xs)
+        loss = F.cross_entropy(logits, y, reduction="sum") * (WORLD / n_total)
+        with ctx(features=feats, targets=y):
+            loss.backward()
+        rec["coefficients"] = ctx.coefficients
+        rec["grads"] = grads_of(model)
+        rec["head_grads"] = {n: grads_of(h) for n, h in heads.items()}
+        out.append(rec)
+        opt.step()
+        opt.zero_grad()
+    return out
+
+
 def _run_cggm(rank: int, mode: str) -> list[dict]:
     model, clfs = build()
     ddp = DDP(model)
@@ -114,26 +144,7 @@ def _run_cggm(rank: int, mode: str) -> list[dict]:
         fusion="head",
         mode=mode,  # type: ignore[arg-type]
     )
-    opt = torch.optim.SGD([*model.parameters(), *ctx.classifier_parameters()], lr=LR)
-    out = []
-    n_total = sum(SIZES)
-    for step in range(STEPS):
-        rec: dict = {"model": snapshot(model), "clfs": {n: snapshot(c) for n, c in clfs.items()}}
-        xs, y = global_batch(step)
-        sl = rank_slice(rank)
-        xs, y = {k: v[sl] for k, v in xs.items()}, y[sl]
-        logits, feats = ddp(xs)
-        # DDP averages over ranks: this makes the result the gradient of the global mean loss
-        loss = F.cross_entropy(logits, y, reduction="sum") * (WORLD / n_total)
-        with ctx(features=feats, targets=y):
-            loss.backward()
-        rec["coefficients"] = ctx.coefficients
-        rec["grads"] = grads_of(model)
-        rec["clf_grads"] = {n: grads_of(c) for n, c in clfs.items()}
-        out.append(rec)
-        opt.step()
-        opt.zero_grad()
-    return out
+    return _train_steps(rank, ddp, clfs, ctx)
 
 
 def _run_no_sync(rank: int) -> dict:
@@ -192,25 +203,7 @@ def _run_mlb(rank: int) -> list[dict]:
         method=gradmod.MLB(alpha=0.8, scale="official"),
         fusion="head.0",
     )
-    opt = torch.optim.SGD([*model.parameters(), *ctx.classifier_parameters()], lr=LR)
-    out = []
-    n_total = sum(SIZES)
-    for step in range(STEPS):
-        rec: dict = {"model": snapshot(model), "heads": {n: snapshot(h) for n, h in heads.items()}}
-        xs, y = global_batch(step)
-        sl = rank_slice(rank)
-        xs, y = {k: v[sl] for k, v in xs.items()}, y[sl]
-        logits, feats = ddp(xs)
-        loss = F.cross_entropy(logits, y, reduction="sum") * (WORLD / n_total)
-        with ctx(features=feats, targets=y):
-            loss.backward()
-        rec["coefficients"] = ctx.coefficients
-        rec["grads"] = grads_of(model)
-        rec["head_grads"] = {n: grads_of(h) for n, h in heads.items()}
-        out.append(rec)
-        opt.step()
-        opt.zero_grad()
-    return out
+    return _train_steps(rank, ddp, heads, ctx)
 
 
 def _run_ogm(rank: int) -> dict:
@@ -279,7 +272,7 @@ def clf64(state: dict[str, Tensor]) -> nn.Module:
 def reference_step(rec: dict, step: int, prev: list[float]) -> dict:
     xs, y = global_batch(step, F64)
     model = model64(rec["model"])
-    clfs = {n: clf64(rec["clfs"][n]) for n in NAMES}
+    clfs = {n: clf64(rec["heads"][n]) for n in NAMES}
     logits, feats = model(xs)
     F.cross_entropy(logits, y).backward()  # the global mean loss
     plain = {n: p.grad for n, p in model.named_parameters()}
@@ -315,7 +308,7 @@ def reference_step(rec: dict, step: int, prev: list[float]) -> dict:
         m = modality_of(name)
         grads[name] = g * k[m] if m is not None else g
     grads["head.2.weight"] = grads["head.2.weight"] + g_u
-    return {"acc": acc, "coefficients": coeffs, "grads": grads, "clf_grads": clf_grads}
+    return {"acc": acc, "coefficients": coeffs, "grads": grads, "head_grads": clf_grads}
 
 
 def close(actual: Tensor, expected: Tensor, what: str) -> None:
@@ -335,15 +328,15 @@ def test_ddp_cggm_matches_single_process_reference(ranks: list[dict], mode: str)
         for n in a["grads"]:
             assert torch.equal(a["grads"][n], b["grads"][n]), (step, n)
         for c in NAMES:
-            for n in a["clf_grads"][c]:
-                assert torch.equal(a["clf_grads"][c][n], b["clf_grads"][c][n]), (step, c, n)
+            for n in a["head_grads"][c]:
+                assert torch.equal(a["head_grads"][c][n], b["head_grads"][c][n]), (step, c, n)
         ref = reference_step(a, step, prev)
         close(a["coefficients"], torch.tensor(ref["coefficients"], dtype=F64), f"step {step} k")
         for n, g in ref["grads"].items():
             close(a["grads"][n], g, f"step {step} {n}")
         for c in NAMES:
-            for n, g in ref["clf_grads"][c].items():
-                close(a["clf_grads"][c][n], g, f"step {step} classifiers[{c}].{n}")
+            for n, g in ref["head_grads"][c].items():
+                close(a["head_grads"][c][n], g, f"step {step} classifiers[{c}].{n}")
         prev = ref["acc"]
     # the data is not degenerate: the coefficients differ between modalities
     assert len({round(x, 6) for x in r0[0]["coefficients"].tolist()}) > 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -89,7 +89,3 @@ def global_mean(scores: Sequence[Tensor], reduce: Reduce, like: Tensor) -> Tenso
         counts.append(s.new_full((), float(s.numel())))  # a fill: no host-to-device copy
     totals = reduce(torch.stack([torch.stack(sums), torch.stack(counts)]).to(like.device))
     return totals[0] / totals[1].clamp_min(1.0)
-
-
-def as_list(mapping: Mapping[str, Tensor], names: Sequence[str]) -> list[Tensor]:
-    return [mapping[n] for n in names]

@@ -6,31 +6,34 @@ by a per-step coefficient chosen by a published method, inside your own training
 
     import gradmod
 
-    ctx = gradmod.ModulationContext(
-        model,                      # your model: encoders at model.audio and model.video
-        classifiers,                # {"audio": clf_a, "video": clf_v}: unimodal heads
-        method=gradmod.CGGM(rho=1.3, lam=0.2),
-        fusion="head",              # fusion head for CGGM's direction loss (or None)
-    )
+    heads = {"audio": nn.Linear(32, 5), "video": nn.Linear(32, 5)}  # one unimodal head each
+    ctx = gradmod.ModulationContext(model, heads)  # encoders model.audio, model.video
+    optimizer = torch.optim.Adam([*model.parameters(), *ctx.classifier_parameters()])
     for xa, xv, y in loader:
         feats = {"audio": model.audio(xa), "video": model.video(xv)}
         loss = loss_fn(model.head(torch.cat([feats["audio"], feats["video"]], 1)), y)
         with ctx(features=feats, targets=y):
             loss.backward()
-        optimizer.step()             # any optimizer; include ctx.classifier_parameters()
+        optimizer.step()             # any optimizer
         optimizer.zero_grad()
 
+* ``gradmod.balanced()`` (:func:`balanced`) — the recommended configuration and the default
+  ``method=``: ``MLB(alpha=0.8)``, unimodal heads in the objective with balancing coefficients.
 * :class:`ModulationContext` — the engine: explicit modality groups, validation that reports
-  every problem at once, pre-accumulation hooks that exist only inside the ``with`` block.
-* :class:`CGGM` — classifier-guided gradient modulation (NeurIPS 2024), safe by default,
-  with ``official=True`` for parity with the authors' code.
-* :mod:`gradmod.functional` — the pure math (improvement-rate scaling, cosine direction loss,
-  metrics), usable on its own.
+  every problem at once, pre-accumulation hooks that exist only inside the ``with`` block,
+  method state that advances only when the block exits cleanly.
+* Methods, switched with ``method=``: :class:`MLB`, :class:`MultiLoss`, :class:`CGGM`
+  (``official=True`` for parity with the authors' code), :class:`OGMGE`, :class:`AGM`.
+* :mod:`gradmod.functional` — the pure math (coefficient rules, improvement-rate scaling,
+  cosine direction loss, Shapley responses, metrics), usable on its own.
+* Errors: :class:`ConfigurationError` (at construction), :class:`StepError` (a step's
+  inputs), :class:`ContextError` (nested, concurrent or conflicting blocks); all are
+  :class:`GradmodError`.
 """
 
 from . import functional
 from ._context import Mode, ModulationContext
-from ._errors import ConfigurationError, GradmodError, StepError
+from ._errors import ConfigurationError, ContextError, GradmodError, StepError
 from ._recommended import balanced
 from .methods import (
     AGM,
@@ -56,6 +59,7 @@ __all__ = [
     "MultiLoss",
     "Binding",
     "ConfigurationError",
+    "ContextError",
     "GradmodError",
     "Injection",
     "Method",

@@ -4,45 +4,67 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._errors import ConfigurationError, StepError
+from . import _dist
+from ._errors import ConfigurationError, ContextError, StepError
 from ._groups import (
     EncoderSpec,
     FusionSpec,
     check_disjoint,
-    reachable_leaves,
+    parameter_slots,
     resolve_fusion,
     resolve_groups,
+    tied_outside,
     unwrap,
 )
-from ._hooks import HookSet
-from .methods import CGGM, Binding, Method, Step, StepPlan, Targets
+from ._hooks import CONFLICT, HookSet
+from ._recommended import balanced
+from ._validate import (
+    check_classifiers,
+    check_ddp_heads,
+    check_feature_graph,
+    check_features,
+    check_parameters,
+    check_targets,
+    coef_dtype,
+    slot_list,
+)
+from .methods import Binding, Method, Step, StepPlan
 
 __all__ = ["Mode", "ModulationContext"]
 
 Mode = Literal["parameter", "feature"]
-#: Attribute of every encoder parameter: a one-item list naming the context that currently
-#: modulates it (or ``None``), shared by every context built over that parameter.
-_CLAIM = "_gradmod_claim"
+_Inputs = tuple[Mapping[str, Tensor] | None, Tensor | None, bool, float]
 
 
-def _coef_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64
+class _Block:
+    """One ``with`` block of a context, carrying that step's inputs (see
+    :meth:`ModulationContext.__call__`)."""
 
+    __slots__ = ("_ctx", "_inputs")
 
-def _claim_cell(p: Tensor) -> list[object]:
-    cell = p.__dict__.get(_CLAIM)
-    if not isinstance(cell, list):
-        cell = [None]
-        setattr(p, _CLAIM, cell)
-    return cell
+    def __init__(self, ctx: ModulationContext, inputs: _Inputs) -> None:
+        self._ctx = ctx
+        self._inputs = inputs
+
+    def __enter__(self) -> ModulationContext:
+        self._ctx._enter(self._inputs)
+        return self._ctx
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._ctx._exit(exc_type)
 
 
 class ModulationContext:
@@ -51,7 +73,8 @@ class ModulationContext:
     Build it once, before the training loop, and enter it around every backward, handing it
     the step's encoder outputs and targets::
 
-        ctx = gradmod.ModulationContext(model, classifiers, method=gradmod.CGGM(), fusion="head")
+        ctx = gradmod.ModulationContext(model, heads)  # gradmod.balanced() by default
+        optimizer = torch.optim.Adam([*model.parameters(), *ctx.classifier_parameters()])
         for x_audio, x_video, y in loader:
             feats = {"audio": model.audio(x_audio), "video": model.video(x_video)}
             loss = F.cross_entropy(model.head(torch.cat([*feats.values()], 1)), y)
@@ -60,41 +83,47 @@ class ModulationContext:
             optimizer.step()
             optimizer.zero_grad()
 
-    On entering, the method reads the features (CGGM: its classifiers on the detached
-    features) and decides one coefficient per modality; the engine then registers, for the
-    duration of the block only, hooks that multiply encoder ``m``'s gradients by that
-    coefficient. Hooks are removed on exit, also when the block raises. Every method is used
+    On entering, the method reads the features (MLB: its unimodal heads on the live features;
+    CGGM: its classifiers on the detached features) and decides one coefficient per modality;
+    the engine then registers, for the duration of the block only, hooks that multiply encoder
+    ``m``'s gradients by that coefficient. Hooks are removed on exit, also when the block
+    raises. The method's state advances only when the block exits cleanly. Every method is used
     the same way; switching method is changing the ``method=`` argument.
 
     Args:
         model: the user's model (may be wrapped in DDP, DataParallel or ``torch.compile``).
             Dotted paths are resolved in it, and encoder parameters must belong to it.
-        classifiers: modality name -> unimodal head. CGGM: auxiliary classifiers fed the
-            detached features; MLB / MultiLoss: heads on the live features, part of the
-            objective; OGM-GE: the per-modality linears of a "sum" fusion head.
+        classifiers: modality name -> unimodal head. MLB / MultiLoss (and the default,
+            :func:`gradmod.balanced`): heads on the live features, part of the objective;
+            CGGM: auxiliary classifiers fed the detached features; OGM-GE: the per-modality
+            linears of a "sum" fusion head.
         encoders: modality name -> encoder, as a module, an exact dotted submodule path of
             ``model`` or an iterable of parameters. Default: each classifier key is the path
             of its encoder in ``model`` (``{"audio": "audio"}``). Never substring matching.
-        method: the modulation method, which keeps the cross-step state; default ``CGGM()``.
+        method: the modulation method, which keeps the cross-step state; default
+            :func:`gradmod.balanced` (the recommended configuration).
         fusion: the fusion head (module, path or tensor): the tensor moved by a direction loss
             (its last weight matrix), OGM-GE's linear head, MLB's sliced head. ``None``: none.
         mode: how encoder gradients are scaled. ``"parameter"`` (the default) hooks every
             encoder parameter (exact in all cases); ``"feature"`` hooks each encoder's output
             tensor instead, one multiply per modality at almost no cost. Feature mode is exact
-            **provided encoder m's parameters receive gradient only through features[m]**; at
-            the first step the engine walks the autograd graph and refuses a feature that
-            depends on another group's parameters or on trainable parameters outside its
-            group, and a group parameter that does not feed its feature. It cannot see a loss
-            that reads an encoder's inner activations directly: use parameter mode then.
-            Methods that scale their responses (AGM) take no mode.
+            **provided encoder m's parameters receive gradient only through features[m]**; the
+            engine refuses encoder parameters registered elsewhere too (a weight tied with the
+            fusion head), and at the first step it walks the autograd graph and refuses a
+            feature that depends on another group's parameters or on trainable parameters
+            outside its group, and a group parameter that does not feed its feature. It cannot
+            see a loss that reads an encoder's inner activations, or a head that uses an
+            encoder's weight tensor directly: use parameter mode then. Methods that scale their
+            responses (AGM) take no mode.
         grad_scaler: the ``torch.amp.GradScaler`` that scales the loss, if any: gradients the
             method adds itself (head losses, direction loss) are scaled alike, so that after
             ``scaler.unscale_`` every gradient equals the run without a scaler.
         process_group: the ``torch.distributed`` group over which scores and head gradients
             are reduced (default: the world, when initialised with > 1 rank).
         allow_frozen: skip, instead of refusing, frozen parameters in an encoder group.
-        features, targets: this step's inputs, for one-shot use; usually given by calling the
-            context, ``with ctx(features=..., targets=...)``.
+        features, targets: this step's inputs, for one-shot use
+            (``with ModulationContext(model, heads, features=f, targets=y): loss.backward()``);
+            usually given by calling the context, ``with ctx(features=..., targets=...)``.
 
     Raises:
         ConfigurationError: listing every configuration problem at once.
@@ -115,9 +144,13 @@ class ModulationContext:
         features: Mapping[str, Tensor] | None = None,
         targets: Tensor | None = None,
     ) -> None:
-        self.method: Method = method if method is not None else CGGM()
+        self.method: Method = method if method is not None else balanced()
         problems: list[str] = []
         who = type(self.method).__name__
+        if not isinstance(self.method, Method):
+            raise ConfigurationError(
+                [f"method must be a gradmod.Method (e.g. gradmod.balanced()); got {who}"]
+            )
         if mode not in (None, "parameter", "feature"):
             problems.append(f"mode must be 'parameter' or 'feature'; got {mode!r}")
         if self.method.level == "responses" and mode is not None:
@@ -140,110 +173,59 @@ class ModulationContext:
         if len(names) < lo or (hi is not None and len(names) > hi):
             allowed = f"{lo} to {hi}" if hi is not None else f"at least {lo}"
             problems.append(f"{who} needs {allowed} modalities; got {len(names)} ({list(names)})")
-        groups = resolve_groups(model, encoders, problems, allow_frozen=allow_frozen)
-        clfs = self._resolve_classifiers(classifiers, names, problems)
+        skipped: list[nn.Parameter] = []
+        groups = resolve_groups(
+            model, encoders, problems, allow_frozen=allow_frozen, skipped=skipped
+        )
+        clfs = check_classifiers(self.method, classifiers, names, problems)
         fusion_module, u = (
             resolve_fusion(model, fusion, problems) if fusion is not None else (None, None)
         )
-
         others: dict[str, list[Tensor]] = {}
         for k, c in (clfs or {}).items():
             others[f"a parameter of classifiers[{k!r}]"] = list(c.parameters())
         if u is not None:
             others["the fusion tensor"] = [u]
         check_disjoint(groups, others, problems)
-        if (
-            isinstance(model, nn.parallel.DistributedDataParallel)
-            and clfs is not None
-            and self.method.trains_classifiers
-        ):
-            in_ddp = {id(p) for p in model.parameters()}
-            if any(id(p) in in_ddp for c in clfs.values() for p in c.parameters()):
-                problems.append(
-                    f"the classifiers are inside the DDP-wrapped model, but {who} trains them "
-                    "outside its forward (DDP would wait for their gradients); keep them outside "
-                    "the DDP module: gradmod all-reduces their gradients itself"
-                )
+        check_ddp_heads(model, self.method, clfs, problems)
+        root = unwrap(model) if model is not None else None
+        slots = parameter_slots(root) if root is not None else {}
+        if resolved_mode == "feature" and root is not None and not problems:
+            problems.extend(tied_outside(root, encoders, groups, slots))
 
         device = next((p.device for ps in groups.values() for p in ps), torch.device("cpu"))
         self._binding = Binding(names, groups, clfs, fusion_module, u, resolved_mode, device)
-        self._targets: Targets | None = None
         if not problems:  # method-level checks need a consistent binding
             problems.extend(self.method.check(self._binding))
-            self._targets = self._resolve_targets(problems)
+            self._targets = check_targets(self.method, self._binding, problems)
         if problems:
             raise ConfigurationError(problems)
-        assert self._targets is not None
 
         self.mode: Mode = resolved_mode
         self.grad_scaler = grad_scaler
         self.process_group = process_group
-        self._model = unwrap(model) if model is not None else None
+        self._model = root
         # float64: exact for float64 models; a 0-d factor never promotes a bf16/fp32 gradient.
-        self._coeffs = torch.ones(len(names), device=device, dtype=_coef_dtype(device))
+        self._coeffs = torch.ones(len(names), device=device, dtype=coef_dtype(device))
         self._hooks = HookSet(self._coeffs)
-        self._claims = [_claim_cell(p) for ps in self._binding.groups.values() for p in ps]
-        self._claimed = False
-        self._deferred: list[tuple[Tensor, Tensor]] = []
-        self._active = False
-        self._feature_checked = False
-        self._pending: tuple[Mapping[str, Tensor] | None, Tensor | None, bool, float] = (
-            features,
-            targets,
-            True,
-            1.0,
+        self._slots = slot_list(slots, groups)
+        self._skipped = skipped
+        self._hooked = (
+            [t for ts in self._targets.encoders.values() for t in ts]
+            if self.method.level == "encoders" and self.mode == "parameter"
+            else []
         )
-        self._weight = 1.0
+        self._claim = (
+            [] if self._hooked else [p for ps in groups.values() for p in ps]
+        )  # parameters held with a marker where no parameter hook holds them
         self._target_tensors = [t for ts in self._targets.encoders.values() for t in ts]
-
-    def _resolve_classifiers(
-        self,
-        classifiers: Mapping[str, nn.Module] | None,
-        names: tuple[str, ...],
-        problems: list[str],
-    ) -> dict[str, nn.Module] | None:
-        who = type(self.method).__name__
-        use = self.method.classifier_use
-        if classifiers is None:
-            if use == "required":
-                problems.append(
-                    f"{who} needs one unimodal classifier per modality: pass classifiers={{name: module}}"
-                )
-            return None
-        if use == "unused":
-            problems.append(
-                f"{who} uses no unimodal classifiers, but classifiers were given: drop them "
-                "(nothing would read them)"
-            )
-        missing = [n for n in names if n not in classifiers]
-        extra = [k for k in classifiers if k not in names]
-        if missing or extra:
-            problems.append(
-                f"classifier keys {sorted(classifiers)} do not match encoder keys "
-                f"{list(names)} (missing: {missing}, unknown: {extra})"
-            )
-        bad = [k for k, c in classifiers.items() if not isinstance(c, nn.Module)]
-        if bad:
-            problems.append(f"classifiers {bad} are not nn.Module instances")
-        return {k: c for k, c in classifiers.items() if isinstance(c, nn.Module)}
-
-    def _resolve_targets(self, problems: list[str]) -> Targets | None:
-        b = self._binding
-        targets = self.method.targets(b)
-        for n in b.names:
-            chosen = list(targets.encoders.get(n, ()))
-            if not chosen and self.method.level == "encoders":
-                problems.append(
-                    f"{type(self.method).__name__} selects no tensor of encoders[{n!r}] to "
-                    "modulate: check its parameter filter"
-                )
-            if b.mode == "feature" and {id(t) for t in chosen} != {id(p) for p in b.groups[n]}:
-                problems.append(
-                    f"feature mode scales the whole of encoders[{n!r}], but "
-                    f"{type(self.method).__name__} modulates only part of it: use "
-                    "mode='parameter'"
-                )
-        return targets
+        self._lock = threading.Lock()
+        self._plan: StepPlan | None = None
+        self._weight = 1.0
+        self._feature_checked = False
+        self._one_shot: _Inputs | None = (
+            (features, targets, True, 1.0) if features is not None or targets is not None else None
+        )
 
     # ----------------------------------------------------------------------------------- API
     @property
@@ -280,6 +262,27 @@ class ModulationContext:
         return self.method.state_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the method's state saved by :meth:`state_dict`.
+
+        Raises:
+            ConfigurationError: the state holds a non-finite value, or was saved for another
+                number of modalities; nothing is loaded then.
+        """
+        m = len(self.names)
+        problems: list[str] = []
+        for key, value in state_dict.items():
+            if not isinstance(value, Tensor):
+                continue
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                problems.append(f"state {key!r} holds non-finite values: the checkpoint is corrupt")
+            if key in self.method.modality_buffers and value.numel() and value.shape[0] != m:
+                problems.append(
+                    f"state {key!r} was saved for {value.shape[0]} modalities, but this context "
+                    f"has {m} ({list(self.names)}): load the state of a context over the same "
+                    "modalities"
+                )
+        if problems:
+            raise ConfigurationError(problems)
         self.method.load_state_dict(state_dict)
 
     def __call__(
@@ -289,8 +292,8 @@ class ModulationContext:
         *,
         boundary: bool = True,
         weight: float = 1.0,
-    ) -> ModulationContext:
-        """Give this step's inputs; returns the context to enter.
+    ) -> _Block:
+        """Give this step's inputs; returns the block to enter (``with ctx(...):``).
 
         Args:
             features: modality -> this step's encoder output (live, in the graph); for
@@ -302,11 +305,17 @@ class ModulationContext:
             weight: multiplies every gradient the method adds itself (head losses, direction
                 loss). With gradient accumulation over ``n`` micro-batches, if you divide your
                 loss by ``n``, pass ``weight=1/n`` so that those terms are divided alike.
+
+        Raises:
+            StepError: ``weight`` is not a finite number > 0.
         """
-        if not (weight > 0 and math.isfinite(weight)):
-            raise StepError(f"weight must be a finite number > 0; got {weight}")
-        self._pending = (features, targets, boundary, float(weight))
-        return self
+        if isinstance(weight, bool) or not (
+            isinstance(weight, int | float) and weight > 0 and math.isfinite(weight)
+        ):
+            raise StepError(
+                f"weight must be a finite number > 0 (1/n for n micro-batches); got {weight!r}"
+            )
+        return _Block(self, (features, targets, bool(boundary), float(weight)))
 
     def __repr__(self) -> str:
         return (
@@ -314,28 +323,10 @@ class ModulationContext:
             f"mode={self.mode!r})"
         )
 
-    # ------------------------------------------------------------------------------ engine
     def __enter__(self) -> ModulationContext:
-        if self._active:
-            raise RuntimeError("this ModulationContext is already active: contexts do not nest")
-        features, targets, boundary, self._weight = self._pending
-        self._pending = (None, None, True, 1.0)
-        self._follow_device()
-        loss_scale = self._check_step(features, targets)
-        assert targets is not None
-        feats: Mapping[str, Tensor] = features or {}
-        try:
-            self._mark()
-            step = Step(feats, targets, self._reduce, boundary, loss_scale)
-            plan = self.method.plan(self._binding, step)
-            self._set_coefficients(plan)
-            self._register(feats, plan, loss_scale)
-            self._deferred = plan.accumulate
-        except BaseException:
-            self._deferred = []
-            self._release()
-            raise
-        self._active = True
+        """Enter with the ``features`` and ``targets`` given to the constructor (one-shot use)."""
+        inputs, self._one_shot = self._one_shot, None
+        self._enter(inputs if inputs is not None else (None, None, True, 1.0))
         return self
 
     def __exit__(
@@ -344,37 +335,82 @@ class ModulationContext:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        missed = self._hooks.missed()
-        scaled = self._hooks.scaled_any()
-        deferred, self._deferred = self._deferred, []
-        self._release()
-        if exc_type is not None:
+        """Leave the block: see :meth:`_exit`."""
+        self._exit(exc_type)
+
+    # ------------------------------------------------------------------------------ engine
+    def _enter(self, inputs: _Inputs) -> None:
+        """Check the step, let the method plan it and register this backward's hooks.
+
+        Nothing changes (no state, no gradient, no hook) when this raises.
+        """
+        if not self._lock.acquire(blocking=False):
+            raise ContextError(
+                "this ModulationContext is already active (a nested block, or a block in "
+                "another thread): enter it once at a time, and build one context per thread"
+            )
+        try:
+            features, targets, boundary, self._weight = inputs
+            self._follow_device()
+            feats: Mapping[str, Tensor] = features or {}
+            step = self._check_step(features, targets, boundary)
+            if self._hooks.held_elsewhere(self._hooked or self._claim):
+                raise ContextError(CONFLICT)
+            plan = self.method.plan(self._binding, step)
+            self._set_coefficients(plan)
+            self._register(feats, plan, step.loss_scale)
+            self._plan = plan
+        except BaseException:
+            self._plan = None
+            self._hooks.release()
+            self._lock.release()
+            raise
+
+    def _exit(self, exc_type: type[BaseException] | None) -> None:
+        """Remove the hooks; after a clean backward, land the method's own gradients and
+        advance its state. A block that raised leaves both untouched."""
+        plan, self._plan = self._plan, None
+        if plan is None:  # not active: nothing to leave
             return
-        # The method's own gradients (head losses) land only after a clean backward, so a
-        # failing block leaves no partial gradient behind.
-        self._accumulate(deferred)
-        if not missed and not scaled:
-            raise StepError(
-                "no modulated gradient passed through the block: call loss.backward() inside "
-                "`with ctx(...)`, with a loss that reaches the encoders (if the encoder "
-                "parameters were replaced after the context was built, e.g. by "
-                "load_state_dict(assign=True), build the context again)"
+        try:
+            missed = self._hooks.missed()
+            scaled = self._hooks.scaled_any()
+            self._hooks.release()
+            if exc_type is not None:
+                return
+            if not missed and not scaled:
+                raise StepError(
+                    "no modulated gradient passed through the block: call loss.backward() "
+                    "inside `with ctx(...)`, with a loss that reaches the encoders"
+                )
+            if missed:
+                raise StepError(
+                    f"{', '.join(missed)} received no gradient inside the block, so "
+                    f"{type(self.method).__name__}'s extra gradient was lost (zero the "
+                    "gradients of this step): call loss.backward() inside the block with a loss "
+                    "that uses it. A torch.compile'd model that consumes its features inside "
+                    "the compiled graph gives them no gradient of their own: compile the "
+                    "encoders separately"
+                )
+            # The method's own gradients (head losses) land only after a clean backward, so a
+            # failing block leaves no partial gradient behind.
+            _dist.accumulate(
+                plan.accumulate,
+                self.process_group,
+                _dist.loss_scale(self.grad_scaler),
+                self._weight,
             )
-        if missed:
-            raise StepError(
-                f"{', '.join(missed)} received no gradient inside the block, so "
-                f"{type(self.method).__name__}'s extra gradient was lost (zero the gradients "
-                "of this step): call loss.backward() inside the block with a loss that uses it. "
-                "A torch.compile'd model that consumes its features inside the compiled graph "
-                "gives them no gradient of their own: compile the encoders separately"
-            )
+            if plan.commit is not None:
+                plan.commit()
+        finally:
+            self._lock.release()
 
     def _follow_device(self) -> None:
         """Move the coefficients (and hooks) to the encoders' device if the model moved."""
         device = self._target_tensors[0].device if self._target_tensors else self._coeffs.device
         if device == self._coeffs.device:
             return
-        self._coeffs = torch.ones(len(self.names), device=device, dtype=_coef_dtype(device))
+        self._coeffs = torch.ones(len(self.names), device=device, dtype=coef_dtype(device))
         self._hooks = HookSet(self._coeffs)
         self._binding = dataclasses.replace(self._binding, device=device)
 
@@ -389,171 +425,53 @@ class ModulationContext:
         # Defensive: a non-finite coefficient never reaches a gradient (1 = untouched).
         self._coeffs.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
 
-    def _release(self) -> None:
-        self._hooks.release()
-        if self._claimed:
-            for cell in self._claims:
-                cell[0] = None
-            self._claimed = False
-        self._active = False
-
-    def _mark(self) -> None:
-        """Claim the encoder parameters for this backward, or refuse if another context has."""
-        if any(cell[0] is not None for cell in self._claims):
-            raise RuntimeError(
-                "some of these encoder parameters are already modulated by an active "
-                "ModulationContext; one context per parameter at a time (exit the other first)"
-            )
-        for cell in self._claims:
-            cell[0] = self
-        self._claimed = True
-
     def _hooks_features(self) -> bool:
         m = self.method
         return self.mode == "feature" or m.level == "responses" or m.injects_into_features
 
     def _check_step(
-        self, features: Mapping[str, Tensor] | None, targets: Tensor | None
-    ) -> Tensor | None:
-        """Validate one step's inputs before anything is touched; returns the loss scale."""
-        problems: list[str] = []
+        self, features: Mapping[str, Tensor] | None, targets: Tensor | None, boundary: bool
+    ) -> Step:
+        """Validate one step's inputs before anything is touched."""
+        problems = check_parameters(self._slots, self._skipped, self._hooked)
         if targets is None:
             problems.append("no targets for this step: enter with ctx(features=..., targets=y)")
-        if self.method.level == "encoders" and self.mode == "parameter":
-            frozen = [t for t in self._target_tensors if not t.requires_grad]
-            if frozen:
-                problems.append(
-                    f"{len(frozen)} encoder parameter(s) (the first of shape "
-                    f"{tuple(frozen[0].shape)}) stopped requiring grad after the context was "
-                    "built: build it again after freezing (allow_frozen=True skips them)"
-                )
-        assert self._targets is not None
-        columns = self._targets.columns
-        need = self.method.uses_features or self._hooks_features() or columns is not None
-        if features is None:
-            if need:
-                problems.append(
-                    "no features for this step: enter with ctx(features={name: encoder output}, "
-                    "targets=y)"
-                )
-        else:
-            keys = list(features)
-            if sorted(keys) != sorted(self.names):
-                problems.append(
-                    f"features keys {keys} do not match the modalities {list(self.names)}"
-                )
-            for k, h in features.items():
-                if not isinstance(h, Tensor):
-                    problems.append(f"features[{k!r}] is a {type(h).__name__}, not a tensor")
-                elif self._hooks_features() and not h.requires_grad:
-                    problems.append(
-                        f"features[{k!r}] is not attached to the autograd graph (detached, or "
-                        f"computed under no_grad): {type(self.method).__name__} in this mode "
-                        "hooks the live tensor"
-                    )
-            if columns is not None and not problems:
-                widths = [int(features[n].shape[-1]) for n in self.names]
-                if sum(widths) != columns.shape[-1]:
-                    problems.append(
-                        f"the fusion weight has {columns.shape[-1]} input columns but the "
-                        f"features' widths {widths} add up to {sum(widths)}: the fusion head "
-                        "must be one Linear over the features concatenated in modality order"
-                    )
+        elif not isinstance(targets, Tensor):
+            problems.append(f"targets must be a tensor; got {type(targets).__name__}")
+        check_features(
+            self.method,
+            self.names,
+            features,
+            self._hooks_features(),
+            self._targets.columns,
+            problems,
+        )
         try:
-            loss_scale = self._loss_scale()
+            loss_scale = _dist.loss_scale(self.grad_scaler)
         except StepError as e:
             problems.append(str(e))
             loss_scale = None
+        step = None
+        if not problems:
+            assert targets is not None
+            step = Step(features or {}, targets, self._reduce, boundary, loss_scale)
+            problems.extend(self.method.check_step(self._binding, step))
         if problems:
             raise StepError("; ".join(problems))
+        assert step is not None
         if self.mode == "feature" and not self._feature_checked and features is not None:
-            self._check_feature_precondition(features)
+            check_feature_graph(self._model, self._binding, features)
             self._feature_checked = True
-        return loss_scale
-
-    def _check_feature_precondition(self, features: Mapping[str, Tensor]) -> None:
-        problems: list[str] = []
-        model_params = (
-            {id(p) for p in self._model.parameters() if p.requires_grad} if self._model else set()
-        )
-        group_ids = {n: {id(p) for p in ps} for n, ps in self._binding.groups.items()}
-        for n in self.names:
-            leaves = reachable_leaves(features[n])
-            missing = len(group_ids[n] - leaves)
-            if missing:
-                problems.append(
-                    f"{missing} parameter(s) of encoders[{n!r}] do not feed features[{n!r}]: "
-                    "feature mode would not modulate them; use mode='parameter'"
-                )
-            for j in self.names:
-                if j != n and group_ids[j] & leaves:
-                    problems.append(
-                        f"features[{n!r}] depends on parameters of encoders[{j!r}]: feature "
-                        "mode needs disjoint encoders; use mode='parameter'"
-                    )
-            foreign = (leaves & model_params) - set().union(*group_ids.values())
-            if foreign:
-                problems.append(
-                    f"features[{n!r}] depends on {len(foreign)} trainable parameter(s) outside "
-                    f"encoders[{n!r}] (a shared input layer?): feature mode would scale their "
-                    "gradients too; add them to the group or use mode='parameter'"
-                )
-        if problems:
-            raise ConfigurationError(problems)
-
-    def _world(self) -> int:
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return int(dist.get_world_size(self.process_group))
+        return step
 
     def _reduce(self, t: Tensor) -> Tensor:
-        if self._world() == 1:
-            return t
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group)
-        return t
-
-    def _loss_scale(self) -> Tensor | None:
-        s = self.grad_scaler
-        if s is None or not s.is_enabled():
-            return None
-        scale = getattr(s, "_scale", None)
-        if scale is None:
-            raise StepError(
-                "grad_scaler has no scale yet: call scaler.scale(loss) before entering the block"
-            )
-        return scale  # type: ignore[no-any-return]
-
-    def _accumulate(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
-        if pairs:
-            with torch.no_grad():
-                self._accumulate_now(pairs)
-
-    def _accumulate_now(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
-        grads = [g for _, g in pairs]
-        world = self._world()
-        if world > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
-            flat /= world
-            grads = [
-                f.view_as(g)
-                for f, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)
-            ]
-        scale = self._loss_scale()
-        for (p, _), g in zip(pairs, grads, strict=True):
-            g = g * scale.to(g.dtype) if scale is not None else g
-            g = g * self._weight if self._weight != 1.0 else g
-            if p.grad is None:
-                p.grad = g.to(p.dtype).clone()
-            else:
-                p.grad.add_(g.to(p.grad.dtype))
+        return _dist.reduce_sum(t, self.process_group)
 
     def _register(
         self, features: Mapping[str, Tensor], plan: StepPlan, loss_scale: Tensor | None
     ) -> None:
-        assert self._targets is not None
         hooks = self._hooks
+        hooks.claim(self._claim)
         # Injections first: a coefficient that scales the same tensor scales them too.
         hooks.inject(plan.inject, loss_scale, self._weight)
         if self.method.level == "responses" or self.mode == "feature":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["ConfigurationError", "GradmodError", "StepError"]
+__all__ = ["ConfigurationError", "ContextError", "GradmodError", "StepError"]
 
 
 class GradmodError(Exception):
@@ -30,3 +30,11 @@ class ConfigurationError(GradmodError, ValueError):
 
 class StepError(GradmodError, ValueError):
     """The inputs of one step (features, targets) are unusable; nothing was modulated."""
+
+
+class ContextError(GradmodError, RuntimeError):
+    """A context was used in a way it cannot support: entered while already active (nested, or
+    from a second thread), or over parameters that another active context modulates.
+
+    Raised on entering the block, before the method's state or any gradient changes.
+    """

@@ -7,7 +7,19 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EncoderSpec", "FusionSpec", "unwrap", "resolve_fusion", "resolve_groups"]
+__all__ = [
+    "EncoderSpec",
+    "FusionSpec",
+    "Slot",
+    "check_disjoint",
+    "last_weight_matrix",
+    "parameter_slots",
+    "reachable_leaves",
+    "resolve_fusion",
+    "resolve_groups",
+    "tied_outside",
+    "unwrap",
+]
 
 #: How a modality's encoder is named: the module itself, a dotted submodule path inside the model
 #: (exact, as in ``model.get_submodule``), or an explicit iterable of parameters.
@@ -15,6 +27,9 @@ EncoderSpec = nn.Module | str | Iterable[nn.Parameter]
 #: The fusion head for CGGM's direction loss: a module or dotted path (its last weight matrix is
 #: used), or a tensor.
 FusionSpec = nn.Module | str | Tensor
+#: Where a parameter is registered: the owning module's ``_parameters`` dict, the key in it and
+#: the qualified name of the parameter.
+Slot = tuple[dict[str, nn.Parameter | None], str, str]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -52,11 +67,13 @@ def resolve_groups(
     problems: list[str],
     *,
     allow_frozen: bool = False,
+    skipped: list[nn.Parameter] | None = None,
 ) -> dict[str, list[nn.Parameter]]:
     """Map each modality name to its (deduplicated, ordered) encoder parameters.
 
     Appends a readable message to ``problems`` for every path that matches nothing, empty group,
-    frozen parameter, parameter outside ``model`` and parameter claimed by two groups.
+    frozen parameter, parameter outside ``model`` and parameter claimed by two groups. With
+    ``allow_frozen``, the frozen parameters left out are appended to ``skipped``.
     """
     root = unwrap(model) if model is not None else None
     in_model = {id(p) for p in root.parameters()} if root is not None else None
@@ -114,6 +131,8 @@ def resolve_groups(
                 f"{where} has {frozen} frozen parameter(s) (requires_grad=False) that can never be "
                 "modulated; pass only trainable parameters, or allow_frozen=True to skip them"
             )
+        if skipped is not None:
+            skipped.extend(p for p in unique if not p.requires_grad)
         unique = [p for p in unique if p.requires_grad]
         if in_model is not None:
             outside = sum(1 for p in unique if id(p) not in in_model)
@@ -211,3 +230,58 @@ def reachable_leaves(root: Tensor) -> set[int]:
             if nxt is not None:
                 stack.append(nxt)
     return out
+
+
+def parameter_slots(root: nn.Module) -> dict[int, list[Slot]]:
+    """``id(parameter)`` -> every place it is registered in ``root`` (tied weights and modules
+    registered twice appear more than once)."""
+    out: dict[int, list[Slot]] = {}
+    for mod_name, mod in root.named_modules(remove_duplicate=False):
+        for key, p in mod._parameters.items():
+            if p is not None:
+                qual = f"{mod_name}.{key}" if mod_name else key
+                out.setdefault(id(p), []).append((mod._parameters, key, qual))
+    return out
+
+
+def _module_of(root: nn.Module, spec: EncoderSpec) -> nn.Module | None:
+    if isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, str):
+        found = _lookup(root, spec)
+        return found if isinstance(found, nn.Module) else None
+    return None
+
+
+def tied_outside(
+    root: nn.Module,
+    encoders: Mapping[str, EncoderSpec],
+    groups: Mapping[str, Sequence[nn.Parameter]],
+    slots: Mapping[int, list[Slot]],
+) -> list[str]:
+    """Encoder parameters registered somewhere outside their encoder as well (a weight tied
+    with the fusion head, an encoder module reused elsewhere): feature mode would leave the
+    gradient they receive there unscaled."""
+    problems: list[str] = []
+    for name, ps in groups.items():
+        enc = _module_of(root, encoders[name])
+        paths = (
+            [n for n, mod in root.named_modules(remove_duplicate=False) if mod is enc]
+            if enc is not None
+            else []
+        )
+        home = paths[0] if len(paths) == 1 else None
+        for p in ps:
+            quals = [q for _, _, q in slots.get(id(p), [])]
+            if len(quals) < 2:
+                continue
+            if home is not None and all(home == "" or q.startswith(home + ".") for q in quals):
+                continue  # tied within the encoder: its gradient still flows through the feature
+            problems.append(
+                f"encoders[{name!r}] has a parameter registered as {' and '.join(map(repr, quals))} "
+                "(a tied weight or a module used twice): feature mode scales only the gradient "
+                f"that flows through features[{name!r}], so what the other use contributes would "
+                "stay unscaled; use mode='parameter', which scales the parameter's whole gradient"
+            )
+            break
+    return problems

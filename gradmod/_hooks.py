@@ -9,12 +9,16 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from ._errors import ContextError
 from .methods import GradTransform, Injection
 
-__all__ = ["KEY", "HookSet"]
+__all__ = ["CONFLICT", "KEY", "HookSet"]
 
 
-#: The key of gradmod's modulation hook in a parameter's hook dict (one per tensor at a time).
+#: The key of gradmod's entry in a parameter's hook dict: the modulation hook in parameter mode,
+#: a pass-through marker otherwise. One entry per tensor at a time, so the entry doubles as the
+#: claim that keeps two active contexts from modulating the same parameter. It lives only inside
+#: the block, and torch never pickles tensor hooks: nothing of it survives ``torch.save``.
 KEY = "gradmod.modulation"
 
 
@@ -22,7 +26,13 @@ def _identity(grad: Tensor) -> Tensor:
     return grad
 
 
-def _leaf_hooks(t: Tensor) -> dict[object, Callable[[Tensor], Tensor]] | None:
+def _claimed(grad: Tensor) -> None:
+    """The marker of a parameter claimed without a hook of its own (feature or response level):
+    returning ``None`` leaves the gradient as it is."""
+    return None
+
+
+def _leaf_hooks(t: Tensor) -> dict[object, Callable[[Tensor], Tensor | None]] | None:
     """The hook dict of a leaf tensor (created on first use), or ``None`` where unavailable.
 
     ``Tensor.register_hook`` stores a leaf's hooks in ``t._backward_hooks``, a dict that autograd
@@ -47,6 +57,12 @@ def _mul_0d(k: Tensor, grad: Tensor) -> Tensor:
     return (grad * k).to(grad.dtype)
 
 
+CONFLICT = (
+    "some of these encoder parameters are already modulated by another active "
+    "ModulationContext; one context per parameter at a time (exit the other block first)"
+)
+
+
 class HookSet:
     """Registers scaling and injection hooks that read one ``[M]`` coefficient tensor.
 
@@ -55,23 +71,53 @@ class HookSet:
     graph. A 0-d view times a gradient keeps the gradient's dtype, except when the gradient is
     itself 0-d (a scalar parameter): there the float64 product is rounded back to its dtype.
     Gradient transforms receive the same views and must return the gradient's dtype.
+
+    Injections are added once per block: a second backward through the same tensor inside one
+    block (``backward(retain_graph=True)`` twice) passes its gradient through unchanged, so the
+    method's objective is counted once, as the heads' own gradients are.
     """
 
     def __init__(self, coefficients: Tensor) -> None:
         self._coeffs = coefficients
         self._views = [coefficients[i] for i in range(coefficients.shape[0])]
         self._handles: list[RemovableHandle] = []
-        self._keyed: list[dict[object, Callable[[Tensor], Tensor]]] = []
+        self._keyed: list[dict[object, Callable[[Tensor], Tensor | None]]] = []
         self._fired: list[bool] = []
         self._what: list[str] = []
         self._scaled: list[bool] = []
 
     # --------------------------------------------------------------------------- registering
+    def _put(self, t: Tensor, fn: Callable[[Tensor], Tensor | None]) -> None:
+        """``fn`` under :data:`KEY` in ``t``'s hook dict, or a handle where there is no dict;
+        refuses a tensor that another context holds (after releasing what this one added)."""
+        hooks = _leaf_hooks(t)
+        if hooks is None:
+            self._handles.append(t.register_hook(fn))
+            return
+        if hooks.setdefault(KEY, fn) is not fn:
+            self.release()
+            raise ContextError(CONFLICT)
+        self._keyed.append(hooks)
+
+    @staticmethod
+    def held_elsewhere(tensors: Sequence[Tensor]) -> bool:
+        """Whether another active context holds any of ``tensors`` (checked before planning)."""
+        for t in tensors:
+            hooks = getattr(t, "_backward_hooks", None)
+            if hooks is not None and KEY in hooks:
+                return True
+        return False
+
+    def claim(self, tensors: Sequence[Tensor]) -> None:
+        """Mark ``tensors`` as held by this context without changing their gradients."""
+        for t in tensors:
+            self._put(t, _claimed)
+
     def inject(
         self, injections: Sequence[Injection], loss_scale: Tensor | None, weight: float = 1.0
     ) -> None:
         """Add each injection's gradient (times ``weight`` and the loss scale) to its tensor's
-        gradient (register these first)."""
+        gradient, once per block (register these first)."""
         for inj in injections:
             g = inj.grad * loss_scale.to(inj.grad.dtype) if loss_scale is not None else inj.grad
             g = g * weight if weight != 1.0 else g
@@ -100,12 +146,7 @@ class HookSet:
                     fn = k.mul
                 if i == 0:  # one witness per modality that its gradients went through a hook
                     fn = functools.partial(_witness, self._scaled, m, fn)
-                hooks = _leaf_hooks(t)
-                if hooks is None:
-                    self._handles.append(t.register_hook(fn))
-                else:
-                    hooks[KEY] = fn
-                    self._keyed.append(hooks)
+                self._put(t, fn)
 
     def scale_columns(self, weight: Tensor, widths: Sequence[int]) -> None:
         """Multiply column block ``m`` (of width ``widths[m]``) of ``weight``'s gradient by ``k_m``."""
@@ -138,6 +179,8 @@ class HookSet:
         def add(grad: Tensor | None) -> Tensor | None:
             if grad is None:  # an output of a compiled graph that only the graph itself used
                 return None  # autograd cannot turn "no gradient" into one: reported on exit
+            if fired[slot]:  # a second backward in the same block: the objective counts once
+                return None
             fired[slot] = True
             return grad + g.to(grad.dtype)
 

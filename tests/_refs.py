@@ -52,13 +52,32 @@ def ogm_k(scores: Sequence[float], alpha: float) -> list[float]:
     return out
 
 
-def agm_k(s: Sequence[float], s_bar: Sequence[float], alpha: float, cap: float) -> list[float]:
+def agm_k(
+    s: Sequence[float],
+    s_bar: Sequence[float],
+    alpha: float,
+    cap: float,
+    lower: float = -math.inf,
+) -> list[float]:
+    """AGM's rule: official ``exp(alpha * min(r_bar - r, cap))``; ``lower`` also bounds the
+    exponent's argument from below (gradmod's default: -cap)."""
     out = []
     for m in range(len(s)):
         r = math.exp(mean_others(s, m) - s[m])
         r_bar = math.exp(mean_others(s_bar, m) - s_bar[m])
-        out.append(math.exp(alpha * min(r_bar - r, cap)))
+        out.append(math.exp(alpha * max(min(r_bar - r, cap), lower)))
     return out
+
+
+def agm_score(logits: Tensor, y: Tensor, floor: float) -> float:
+    """Mean of -log(softmax(z_i)[y_i]), with p floored at ``floor`` (official two-modality
+    script: 1e-8; three-modality script: no floor, ``floor=0``), from log-sum-exp in a loop."""
+    total = 0.0
+    for row, c in zip(logits.tolist(), y.tolist(), strict=True):
+        mx = max(row)
+        logp = row[c] - mx - math.log(sum(math.exp(v - mx) for v in row))
+        total += -max(logp, math.log(floor)) if floor > 0 else -logp
+    return total / len(y)
 
 
 def shapley(

@@ -1,4 +1,15 @@
-"""CGGM end to end against a naive float64 re-implementation written here, step by step."""
+"""CGGM end to end against a naive float64 re-implementation written here, step by step.
+
+The ``official=True`` reference follows the authors' training step (zrguo/CGGM
+``src/msatrain.py``, ``train``), read from the source, not from gradmod:
+
+* ``diff_sum = sum(diff) + 1e-8; coeff = (diff_sum - d) / diff_sum`` — the ``1e-8`` is in the
+  numerator too, so when no metric changes every B is exactly 1;
+* ``l_gm`` is built at the end of step t from ``clone()``s of that step's fusion and classifier
+  ``out_layer.weight`` (``cal_cos``) with step t's ``coeff``, and added to the loss of step t+1
+  (``raw_loss += lamda * l_gm`` before ``raw_loss.backward()``): its gradient is taken at step
+  t's weights and reaches the fusion weight at step t+1; there is none at the first step.
+"""
 
 from __future__ import annotations
 
@@ -55,8 +66,8 @@ def naive_b(prev: list[float], cur: list[float], official: bool) -> list[float]:
     delta = [c - p for c, p in zip(cur, prev, strict=True)]
     m = len(delta)
     if official:
-        s = sum(delta)
-        return [(s - d) / (s + 1e-8) for d in delta]
+        s = sum(delta) + 1e-8
+        return [(s - d) / s for d in delta]
     pos = [max(d, 0.0) for d in delta]
     s = sum(pos)
     return [(s - d) / s for d in pos] if s > 1e-6 else [(m - 1) / m] * m
@@ -84,7 +95,8 @@ def test_cggm_steps_match_naive_reference(official: bool, mode: str) -> None:
         mode=mode,  # type: ignore[arg-type]
     )
     prev = [0.0, 0.0, 0.0]
-    prev_b: list[float] | None = None
+    # official: the direction loss of the previous step, (B, u, [v_m]) at that step's weights
+    pending: tuple[list[float], torch.Tensor, list[torch.Tensor]] | None = None
     for x, y in batches(4):
         # ---- gradmod
         h = net.features(x)
@@ -108,12 +120,17 @@ def test_cggm_steps_match_naive_reference(official: bool, mode: str) -> None:
             )
         b = naive_b(prev, acc, official)
         # direction loss gradient on the fusion head's last weight matrix
-        u = ref_net.head[2].weight.detach()
-        b_dir = (prev_b if prev_b is not None else [0.0] * 3) if official else b
+        u_now = ref_net.head[2].weight.detach().clone()
+        v_now = [ref_clfs[n][2].weight.detach().clone() for n in NAMES]
+        if official:  # the previous step's loss, at the previous step's weights
+            b_dir, u, vs = pending if pending is not None else ([0.0] * 3, u_now, v_now)
+        else:
+            b_dir, u, vs = b, u_now, v_now
         g_dir = torch.zeros_like(u)
-        for bm, n in zip(b_dir, NAMES, strict=True):
-            _, dcos = cos_grad_u(u, ref_clfs[n][2].weight.detach())
+        for bm, v in zip(b_dir, vs, strict=True):
+            _, dcos = cos_grad_u(u, v)
             g_dir -= lam * bm * dcos / len(NAMES)
+        pending = (b, u_now, v_now)
 
         # ---- compare
         torch.testing.assert_close(
@@ -149,7 +166,7 @@ def test_cggm_steps_match_naive_reference(official: bool, mode: str) -> None:
             for p in [*net.parameters(), *ctx.classifier_parameters()]:
                 p -= lr * p.grad  # type: ignore[operator]
                 p.grad = None
-        prev, prev_b = acc, b
+        prev = acc
 
 
 def test_regression_task_uses_sign_accuracy_and_l1() -> None:

@@ -177,7 +177,7 @@ def test_cggm_fusion_and_classifier_last_weights_must_match() -> None:
     assert f"({CLASSES}, {HID + 1})" in problems[0] and "classifiers['b']" in problems[0]
     assert f"({CLASSES}, 4)" in problems[1] and "classifiers['c']" in problems[1]
     # without the direction loss the same classifiers are fine
-    gradmod.ModulationContext(model, clfs, encoders=enc, method=gradmod.CGGM(), fusion=None)
+    gradmod.ModulationContext(model, clfs, encoders=enc, method=gradmod.CGGM(lam=0), fusion=None)
     gradmod.ModulationContext(model, clfs, encoders=enc, method=gradmod.CGGM(lam=0), fusion="head")
     assert no_grads(model, *clfs.values())
 

@@ -440,7 +440,9 @@ def test_hooks_exist_only_inside_the_block(mode: str) -> None:
         inside = hook_count(enc_params), hook_count(list(feats.values()))
         fusion_hooks = hook_count([model.head[-1].weight])
         loss.backward()
-    assert inside == ((12, 0) if mode == "parameter" else (0, 3))
+    # parameter mode: one scaling hook per encoder parameter; feature mode: one hook per feature
+    # and, on each encoder parameter, gradmod's pass-through marker (its claim)
+    assert inside == ((12, 0) if mode == "parameter" else (12, 3))
     assert fusion_hooks == 1  # the direction loss
     assert hook_count(tensors) == 0
     assert hook_count(list(feats.values())) == 0
@@ -793,8 +795,9 @@ def test_safe_cggm_coefficients_stay_finite_and_bounded() -> None:
 
 
 def test_official_cggm_explodes_when_deltas_cancel() -> None:
-    """Documents official=True: sum(delta) = 0 divides by 1e-8 (|coefficient| ~ 1e7, signs mixed);
-    no change at all gives coefficient 0 (every encoder frozen). gradmod applies them as given."""
+    """Documents official=True (zrguo/CGGM msatrain.py: diff_sum = sum(diff) + 1e-8,
+    coeff = (diff_sum - d) / diff_sum): deltas that cancel give |B| ~ 1e7 with mixed signs; no
+    change at all gives B = 1, factor rho, for every modality. gradmod applies them as given."""
     model, clfs = make_model(), constant_classifiers()
     ctx = cggm_ctx(model, clfs, rho=1.3, official=True)
     seen = {}
@@ -817,10 +820,10 @@ def test_official_cggm_explodes_when_deltas_cancel() -> None:
         model.zero_grad()
         for c in clfs.values():
             c.zero_grad()
-    # no change: (0 - 0) / (0 + 1e-8) = 0 for every modality
-    assert torch.equal(seen[SCHEDULE[1][1]], torch.zeros(3, dtype=seen[SCHEDULE[1][1]].dtype))
-    # delta = (+1/8, +1/8, -1/4), sum 0: B = -delta / 1e-8
+    # no change: (1e-8 - 0) / 1e-8 = 1 for every modality
+    assert torch.equal(seen[SCHEDULE[1][1]], torch.full((3,), 1.3, dtype=F64))
+    # delta = (+1/8, +1/8, -1/4), sum 0: B = (1e-8 - delta) / 1e-8 = 1 - delta * 1e8
     k = seen[SCHEDULE[4][1]]
-    expect = torch.tensor([-1.3 * 0.125e8, -1.3 * 0.125e8, 1.3 * 0.25e8], dtype=F64)
+    expect = 1.3 * (1 - torch.tensor([0.125e8, 0.125e8, -0.25e8], dtype=F64))
     close64(k, expect, "official explosion", rtol=1e-9, atol=0)
     assert float(k.abs().min()) > 1e7 and math.isfinite(float(k.abs().max()))

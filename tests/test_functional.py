@@ -27,9 +27,9 @@ deltas = st.lists(st.floats(-1.0, 1.0, allow_nan=False), min_size=2, max_size=8)
 def naive_b(delta: list[float], official: bool) -> list[float]:
     """The CGGM rule written out as a plain Python loop (the test's own reference)."""
     m = len(delta)
-    if official:
-        total = sum(delta)
-        return [(total - d) / (total + 1e-8) for d in delta]
+    if official:  # zrguo/CGGM src/msatrain.py: diff_sum = sum(diff) + 1e-8
+        diff_sum = sum(delta) + 1e-8
+        return [(diff_sum - d) / diff_sum for d in delta]
     pos = [max(d, 0.0) for d in delta]
     total = sum(pos)
     if total <= 1e-6:
@@ -76,9 +76,18 @@ def test_official_scale_normalization_when_sum_not_zero(delta: list[float]) -> N
         torch.zeros(len(delta), dtype=F64, device=DEVICE), t(delta), policy="official"
     )
     m = len(delta)
-    # sum B = (M-1) * S / (S + 1e-8)
-    assert math.isclose(float(b.sum()), (m - 1) * total / (total + 1e-8), rel_tol=1e-9)
+    # with S = sum(delta) + 1e-8: sum B = (M S - sum(delta)) / S = M - 1 + 1e-8 / S
+    s = total + 1e-8
+    assert math.isclose(float(b.sum()), m - 1 + 1e-8 / s, rel_tol=1e-9)
     assert math.isclose(float(b.sum()), m - 1, rel_tol=1e-4)
+
+
+@given(st.lists(st.floats(-1, 1), min_size=2, max_size=6))
+def test_official_b_is_one_when_no_metric_changed(metric: list[float]) -> None:
+    """Official: every delta 0 gives S = 1e-8 and B = (1e-8 - 0) / 1e-8 = 1 for every modality."""
+    x = t(metric)
+    b = GF.improvement_rate_scale(x, x.clone(), rho=1.3, policy="official")
+    assert torch.equal(b, torch.full_like(b, 1.3))
 
 
 @given(deltas, st.randoms(use_true_random=False), st.sampled_from(["safe", "official"]))

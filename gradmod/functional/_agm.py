@@ -11,7 +11,12 @@ __all__ = ["agm_coefficients"]
 
 
 def agm_coefficients(
-    scores: Tensor, running_scores: Tensor, *, alpha: float = 1.0, cap: float = 10.0
+    scores: Tensor,
+    running_scores: Tensor,
+    *,
+    alpha: float = 1.0,
+    cap: float = 10.0,
+    symmetric: bool = False,
 ) -> Tensor:
     r"""AGM's per-modality factors :math:`k > 0`, which both slow and boost.
 
@@ -25,14 +30,17 @@ def agm_coefficients(
 
     A modality that is currently *more* ahead than on average (:math:`r_m > \bar r_m`) is
     slowed; one that fell behind is boosted, by at most :math:`e^{\alpha\,\text{cap}}`. When the
-    current and running ratios agree, :math:`k = 1`.
+    current and running ratios agree, :math:`k = 1`. With ``symmetric=True`` the argument is
+    clamped to :math:`[-\text{cap}, \text{cap}]`, so :math:`k \in [e^{-\alpha\,\text{cap}},
+    e^{\alpha\,\text{cap}}]` (the official rule bounds it from above only).
 
     Args:
         scores: :math:`s`, shape ``[M]`` (see :func:`~gradmod.functional.clipped_nll`).
         running_scores: :math:`\bar s`, shape ``[M]`` (zeros at the first step).
         alpha: :math:`\alpha > 0` (official default 1.0, CREMA-D 1.5).
         cap: upper bound of the exponent's argument (official 10 for two modalities, 7 for
-            three).
+            three); ``> 0``.
+        symmetric: also bound the argument from below by ``-cap``.
 
     Returns:
         ``k``, shape ``[M]``, positive and finite for finite inputs; no host synchronisation.
@@ -42,8 +50,11 @@ def agm_coefficients(
             "scores and running_scores must both have shape [M] with M >= 2; got "
             f"{tuple(scores.shape)} and {tuple(running_scores.shape)}"
         )
-    if alpha <= 0:
+    if not alpha > 0:
         raise ValueError(f"alpha must be > 0; got {alpha}")
+    if not cap > 0:
+        raise ValueError(f"cap must be > 0; got {cap}")
     r = torch.exp(mean_of_others(scores) - scores)
     r_bar = torch.exp(mean_of_others(running_scores) - running_scores)
-    return torch.exp(alpha * torch.clamp(r_bar - r, max=cap))
+    low = -cap if symmetric else None
+    return torch.exp(alpha * torch.clamp(r_bar - r, min=low, max=cap))

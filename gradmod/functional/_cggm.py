@@ -36,10 +36,13 @@ def improvement_rate_scale(
         rho: the global factor :math:`\rho` (official default 1.3).
         policy: ``"safe"`` (default) or ``"official"``.
 
-            * ``"official"`` is the authors' arithmetic, kept for parity:
-              :math:`B = (\sum\Delta - \Delta) / (\sum\Delta + 10^{-8})`. It explodes
-              (:math:`|B| \approx 10^7`) when :math:`\sum\Delta = 0` and turns negative (gradient
-              *ascent*) when one modality improves while another degrades.
+            * ``"official"`` is the authors' arithmetic, kept for parity: with
+              :math:`S = \sum\Delta + 10^{-8}`, :math:`B = (S - \Delta) / S` (the
+              :math:`10^{-8}` enters the numerator too). When no metric changed
+              (every :math:`\Delta = 0`) every :math:`B` is exactly 1 (factor :math:`\rho`);
+              when the :math:`\Delta` cancel out (:math:`\sum\Delta = 0`, some
+              :math:`\Delta \ne 0`) it explodes (:math:`|B| \approx 10^7 |\Delta|`); when one
+              modality improves while another degrades it can turn negative (gradient *ascent*).
             * ``"safe"`` never returns a negative, exploding or non-finite factor:
               a degradation counts as no improvement (:math:`\Delta^+ = \max(\Delta, 0)`,
               non-finite :math:`\Delta` count as 0), so :math:`B_m \in [0, 1]`; and when no
@@ -62,8 +65,8 @@ def improvement_rate_scale(
         raise ValueError(f"CGGM needs at least 2 modalities; got M = {m}")
     delta = current - previous
     if policy == "official":
-        total = delta.sum()
-        return rho * (total - delta) / (total + 1e-8)
+        total = delta.sum() + 1e-8
+        return rho * (total - delta) / total
     if policy != "safe":
         raise ValueError(f"policy must be 'safe' or 'official'; got {policy!r}")
     delta = torch.nan_to_num(delta, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)

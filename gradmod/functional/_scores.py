@@ -32,11 +32,14 @@ def true_class_probability(logits: Tensor, targets: Tensor) -> Tensor:
 def clipped_nll(logits: Tensor, targets: Tensor, *, floor: float = 1e-8) -> Tensor:
     r"""AGM's per-sample score :math:`-\log\max(p_i, \text{floor})`, shape ``[B]``.
 
-    The floor (official ``1e-8``) bounds the score by :math:`-\log(\text{floor}) \approx 18.4`.
+    The floor (official ``1e-8`` in the two-modality script) bounds the score by
+    :math:`-\log(\text{floor}) \approx 18.4`; ``floor=0`` gives the plain negative
+    log-likelihood (the official three-modality script), computed from ``log_softmax`` so that
+    it stays finite for finite logits.
     """
     _check(logits, targets, "clipped_nll")
     logp = F.log_softmax(logits, dim=-1).gather(1, targets.long().unsqueeze(1)).squeeze(1)
-    return -logp.clamp_min(math.log(floor))
+    return -logp.clamp_min(math.log(floor)) if floor > 0 else -logp
 
 
 def mean_of_others(x: Tensor) -> Tensor:

@@ -6,13 +6,16 @@ import torch
 from torch import Tensor
 
 from .. import functional as GF
-from ._base import Binding, Method, Step, StepPlan
+from ._args import check_args
+from ._base import Binding, Method, Step, StepPlan, class_index_problem
 from ._heads import global_mean
 
 __all__ = ["AGM"]
 
 #: Official exponent caps by number of modalities (4: gradmod's choice, the 3-modality value).
-_CAPS = {2: 10.0, 3: 7.0, 4: 7.0}
+_OFFICIAL_CAPS = {2: 10.0, 3: 7.0, 4: 7.0}
+#: gradmod's default bound of the exponent's argument, on both sides.
+SAFE_CAP = 1.0
 
 
 class AGM(Method):
@@ -34,42 +37,76 @@ class AGM(Method):
     :math:`\phi_m` is multiplied by :math:`k_m` (activation level: it reaches the encoders and
     the fusion head). AGM both slows and boosts. 2 to 4 modalities (:math:`2^M - 1` passes).
 
+    **Bounded by default.** The official rule bounds the exponent's argument
+    :math:`\bar r_m - r_m` from above only (10 or 7), so a coefficient can reach
+    :math:`e^{10\alpha}` (5,221 was seen on a real data set, and the run diverged). gradmod's
+    default clamps the argument to :math:`[-1, 1]`: the official rule wherever
+    :math:`|\bar r_m - r_m| \le 1`, and :math:`k \in [e^{-\alpha}, e^{\alpha}]` always.
+
+    A step whose scores are not all finite (NaN or infinite responses) is neutral: every factor
+    is 1 and the running means stay as they were (counted in ``skipped``).
+
     Args:
-        alpha: :math:`\alpha` (official default 1.0, CREMA-D 1.5).
-        cap: bound of the exponent's argument; default 10 for two modalities and 7 for three
-            (official) or four (gradmod's choice).
+        alpha: :math:`\alpha > 0` (official default 1.0, CREMA-D 1.5).
+        cap: bound of the exponent's argument; default 1 on both sides, or with
+            ``official=True`` an upper bound of 10 for two modalities and 7 for three (official)
+            or four (gradmod's choice).
+        official: the official rule for parity: the one-sided cap, and the score of the
+            official scripts — :math:`-\log\max(p, 10^{-8})` for two modalities (CREMA-D), the
+            plain :math:`-\log p` for three or more (URFunny; computed from ``log_softmax``, so
+            it stays finite where the official ``log(softmax)`` underflows to infinity).
 
     State (``state_dict``): ``score_sum`` (sum of :math:`s` over the steps so far), ``steps``,
-    ``last_coefficients``.
+    ``last_coefficients``, ``skipped``.
     """
 
     level = "responses"
     max_modalities = 4
+    modality_buffers = ("score_sum", "last_coefficients")
     score_sum: Tensor
     steps: Tensor
     last_coefficients: Tensor
+    skipped: Tensor
 
-    def __init__(self, *, alpha: float = 1.0, cap: float | None = None) -> None:
+    def __init__(
+        self, *, alpha: float = 1.0, cap: float | None = None, official: bool = False
+    ) -> None:
         super().__init__()
-        if alpha <= 0:
-            raise ValueError(f"alpha must be > 0; got {alpha}")
+        checks = [("alpha", alpha, 0.0, False, None)]
+        if cap is not None:
+            checks.append(("cap", cap, 0.0, False, None))
+        check_args("AGM", checks)
         self.alpha = float(alpha)
-        self.cap = cap
+        self.cap = None if cap is None else float(cap)
+        self.official = bool(official)
         self.register_buffer("score_sum", torch.zeros(0))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_coefficients", torch.zeros(0))
+        self.register_buffer("skipped", torch.zeros((), dtype=torch.long))
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, cap={self.cap}"
+        return f"alpha={self.alpha}, cap={self.cap}, official={self.official}"
 
     def reset(self) -> None:
         self.score_sum = torch.zeros(0, device=self.steps.device)
         self.last_coefficients = torch.zeros(0, device=self.steps.device)
         self.steps.zero_()
+        self.skipped.zero_()
 
     def running_scores(self) -> Tensor:
-        """:math:`\bar s`, the mean score over the steps so far (zeros before the first)."""
+        r""":math:`\bar s`, the mean score over the steps so far (zeros before the first)."""
         return self.score_sum / self.steps.clamp_min(1).to(self.score_sum.dtype)
+
+    def exponent_cap(self, m: int) -> float:
+        """The bound of the exponent's argument used with ``m`` modalities."""
+        if self.cap is not None:
+            return self.cap
+        return _OFFICIAL_CAPS.get(m, 7.0) if self.official else SAFE_CAP
+
+    def check_step(self, binding: Binding, step: Step) -> list[str]:
+        first = next(iter(step.features.values()), None)
+        batch = int(first.shape[0]) if isinstance(first, Tensor) and first.dim() else None
+        return class_index_problem("AGM", step.targets, batch)
 
     def plan(self, binding: Binding, step: Step) -> StepPlan:
         names = binding.names
@@ -84,17 +121,31 @@ class AGM(Method):
             self.score_sum = torch.zeros(m, device=binding.device, dtype=dtype)
         if self.score_sum.device != binding.device:  # e.g. loaded from a CPU checkpoint
             self.score_sum = self.score_sum.to(binding.device)
+            self.steps = self.steps.to(binding.device)
+            self.skipped = self.skipped.to(binding.device)
         like = self.score_sum
+        floor = 1e-8 if not self.official or m == 2 else 0.0
         with torch.no_grad():
             per_sample = [
-                GF.clipped_nll(step.features[n].detach().to(dtype), step.targets) for n in names
+                GF.clipped_nll(step.features[n].detach().to(dtype), step.targets, floor=floor)
+                for n in names
             ]
             scores = global_mean(per_sample, step.reduce, like)
-            cap = self.cap if self.cap is not None else _CAPS.get(m, 7.0)
             k = GF.agm_coefficients(
-                scores, self.running_scores().to(like.device), alpha=self.alpha, cap=cap
+                scores,
+                self.running_scores().to(like.device),
+                alpha=self.alpha,
+                cap=self.exponent_cap(m),
+                symmetric=not self.official,
             )
-            self.score_sum += scores
-            self.steps += 1
-            self.last_coefficients = k.clone()
-        return StepPlan(k)
+            ok = torch.isfinite(scores).all() & torch.isfinite(k).all()
+            k = torch.where(ok, k, torch.ones_like(k))
+
+        def commit() -> None:
+            with torch.no_grad():
+                self.score_sum += torch.where(ok, scores, torch.zeros_like(scores))
+                self.steps += ok.to(self.steps.dtype)
+                self.skipped += (~ok).to(self.skipped.dtype)
+                self.last_coefficients = k.clone()
+
+        return StepPlan(k, commit=commit)

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "Binding",
+    "class_index_problem",
+    "finite_or",
     "GradTransform",
     "Injection",
     "Level",
@@ -121,12 +123,17 @@ class StepPlan:
         inject: gradients added inside the user's backward (see :class:`Injection`).
         transform: replaces ``k * grad`` on every encoder tensor (parameter mode only), e.g.
             OGM-GE's generalisation-enhancement noise.
+        commit: advances the method's cross-step state; the engine calls it once, after the
+            block exits cleanly (its backward completed and every injection landed). A block
+            that raises leaves the state as it was, so a step that is redone counts once.
+            :meth:`Method.plan` itself must not change the state.
     """
 
     coefficients: Tensor
     accumulate: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     inject: list[Injection] = field(default_factory=list)
     transform: GradTransform | None = None
+    commit: Callable[[], None] | None = None
 
 
 class Method(nn.Module):
@@ -155,9 +162,16 @@ class Method(nn.Module):
     #: Fewest and most modalities the method supports.
     min_modalities: int = 2
     max_modalities: int | None = None
+    #: Buffers whose leading dimension is the number of modalities (checked when a state dict
+    #: is loaded into a context).
+    modality_buffers: tuple[str, ...] = ()
 
     def check(self, binding: Binding) -> list[str]:
         """Configuration problems specific to this method (empty when all is well)."""
+        return []
+
+    def check_step(self, binding: Binding, step: Step) -> list[str]:
+        """Problems with one step's inputs (e.g. targets of the wrong kind), before :meth:`plan`."""
         return []
 
     def targets(self, binding: Binding) -> Targets:
@@ -165,7 +179,12 @@ class Method(nn.Module):
         return Targets(encoders={n: list(ps) for n, ps in binding.groups.items()})
 
     def plan(self, binding: Binding, step: Step) -> StepPlan:
-        """Decide this step's coefficients (and extra gradients); update the method's state."""
+        """Decide this step's coefficients (and extra gradients).
+
+        State changes go into :attr:`StepPlan.commit`, which the engine runs after a clean
+        block; a step whose scores are not finite must leave the state unchanged and return
+        neutral coefficients (ones).
+        """
         raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
@@ -194,3 +213,28 @@ class Method(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+def class_index_problem(who: str, targets: Tensor, batch: int | None) -> list[str]:
+    """The problem with ``targets`` as class indices ``[B]``, if any (no host synchronisation).
+
+    Float labels are refused rather than truncated (``y + 0.9`` would silently count as ``y``).
+    """
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        return [
+            f"{who} with task='classification' needs integer class indices as targets; got "
+            f"{targets.dtype} of shape {tuple(targets.shape)} (soft or float labels are not "
+            "class indices: cast integral labels with .long(), or use task='regression')"
+        ]
+    if targets.dim() != 1 or (batch is not None and targets.shape[0] != batch):
+        want = f"[{batch}]" if batch is not None else "[B]"
+        return [
+            f"{who} needs one class index per sample, shape {want}; got targets of shape "
+            f"{tuple(targets.shape)}"
+        ]
+    return []
+
+
+def finite_or(new: Tensor, old: Tensor) -> Tensor:
+    """``new`` where every entry of it is finite, else ``old`` (all or nothing, no host sync)."""
+    return torch.where(torch.isfinite(new).all(), new, old.to(new.dtype))

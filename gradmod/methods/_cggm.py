@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional as GF
-from ._base import Binding, Method, Step, StepPlan
-from ._direction import check_direction, direction_injection
+from ._args import check_args
+from ._base import Binding, Injection, Method, Step, StepPlan, class_index_problem
+from ._direction import WHAT, check_direction, direction_gradient, head_matrices
 from ._heads import global_mean, run_heads
 
 __all__ = ["CGGM"]
@@ -32,40 +33,56 @@ class CGGM(Method):
     is compared with the previous step's, and the improvements set the encoder factors
     :math:`\rho B_m` (:func:`gradmod.functional.improvement_rate_scale`). The classifiers' own
     loss is back-propagated into their parameters (never into the encoders), so the user's
-    optimizer, or a separate one, trains them. With a fusion tensor configured and
-    ``lam > 0``, the gradient of :math:`\lambda L_{gm}`
-    (:func:`gradmod.functional.cosine_direction_loss`, with :math:`u` the fusion head's last
-    weight matrix and :math:`v_m` classifier ``m``'s last weight matrix, :math:`B` constant) is
-    added to the fusion weight's gradient during the same backward: the user's loss is not
-    edited.
+    optimizer, or a separate one, trains them. With ``lam > 0`` (the default), the gradient of
+    :math:`\lambda L_{gm}` (:func:`gradmod.functional.cosine_direction_loss`, with :math:`u` the
+    fusion head's last weight matrix and :math:`v_m` classifier ``m``'s last weight matrix,
+    :math:`B` constant) is added to the fusion weight's gradient during the same backward: the
+    user's loss is not edited. It needs ``fusion=`` on the context; ``lam=0`` turns it off.
+
+    A step whose metrics are not all finite (a user metric that returned NaN) is neutral: every
+    factor is 1, it adds no direction loss, and the state stays as it was (counted in
+    ``skipped``).
 
     Args:
-        rho: global factor :math:`\rho` (official default 1.3).
-        lam: weight :math:`\lambda` of the direction loss (official default 0.2; 0 disables it).
-        task: ``"classification"`` (cross-entropy, accuracy) or ``"regression"`` (L1 loss,
-            sign accuracy of ``pred > 0`` vs ``target > 0``, as in the official code).
+        rho: global factor :math:`\rho \ge 0` (official default 1.3).
+        lam: weight :math:`\lambda \ge 0` of the direction loss (official default 0.2; 0
+            disables it).
+        task: ``"classification"`` (cross-entropy, accuracy; targets are class indices ``[B]``)
+            or ``"regression"`` (L1 loss, sign accuracy of ``pred > 0`` vs ``target > 0``, as in
+            the official code).
         metric: optional ``metric(outputs, targets)`` returning per-sample scores ``[B]`` (exact
             global value under DDP) or a 0-d batch score (averaged over ranks).
         loss_fn: optional ``loss_fn(outputs, targets)`` that trains the classifiers.
         official: ``False`` (default) is gradmod's safe variant: improvements below zero count
             as zero and a step with no improvement gives every modality :math:`(M-1)/M`, so no
             factor is ever negative, exploding or non-finite; the direction loss uses this
-            step's :math:`B`. ``True`` reproduces the official step semantics for parity: the
-            ``1e-8``-guarded division (:math:`|B| \approx 10^7` when :math:`\sum\Delta = 0`,
-            negative factors possible) and the direction loss of the previous step's :math:`B`
-            applied one step late (none at the first step).
+            step's :math:`B` and weights. ``True`` reproduces the official step semantics for
+            parity: :math:`S = \sum\Delta + 10^{-8}`, :math:`B = (S - \Delta)/S` (every factor
+            :math:`\rho` when no metric changed, :math:`|B| \approx 10^7|\Delta|` when the
+            improvements cancel out, negative factors possible), and the direction loss built at
+            step :math:`t` (from step :math:`t`'s :math:`B` and weights) back-propagated at step
+            :math:`t+1`: its gradient is taken at the previous step's fusion and classifier
+            weights, and there is none at the first step.
         zero_tol: :math:`\sum \Delta^+` at or below this counts as "no improvement" (safe only).
 
     State (``state_dict``): ``previous`` metric per modality (starts at 0, carries across
-    epochs), ``last_b`` (:math:`B` of the last step), ``last_coefficients`` and ``steps``.
+    epochs), ``last_b`` (:math:`B` of the last step), ``last_coefficients``, ``steps``,
+    ``skipped``, and with ``official=True`` the direction loss waiting for the next step
+    (``direction_b``, ``direction_fusion``, ``direction_heads``: that step's :math:`B` and
+    weights).
     """
 
     classifier_use = "required"
     trains_classifiers = True
+    modality_buffers = ("previous", "last_b", "last_coefficients", "direction_b", "direction_heads")
     previous: Tensor
     last_b: Tensor
     last_coefficients: Tensor
     steps: Tensor
+    skipped: Tensor
+    direction_b: Tensor
+    direction_fusion: Tensor
+    direction_heads: Tensor
 
     def __init__(
         self,
@@ -79,15 +96,26 @@ class CGGM(Method):
         zero_tol: float = 1e-6,
     ) -> None:
         super().__init__()
-        if task not in ("classification", "regression"):
-            raise ValueError(f"task must be 'classification' or 'regression'; got {task!r}")
-        if lam < 0:
-            raise ValueError(f"lam must be >= 0; got {lam}")
+        bad_task = (
+            []
+            if task in ("classification", "regression")
+            else [f"CGGM: task must be 'classification' or 'regression'; got {task!r}"]
+        )
+        check_args(
+            "CGGM",
+            [
+                ("rho", rho, 0.0, True, None),
+                ("lam", lam, 0.0, True, None),
+                ("zero_tol", zero_tol, 0.0, True, None),
+            ],
+            bad_task,
+        )
         self.rho = float(rho)
         self.lam = float(lam)
         self.task = task
         self.official = bool(official)
         self.zero_tol = float(zero_tol)
+        self._default_metric = metric is None
         self.metric: Metric = metric or (
             GF.correct if task == "classification" else GF.sign_correct
         )
@@ -96,21 +124,40 @@ class CGGM(Method):
         self.register_buffer("last_b", torch.zeros(0))
         self.register_buffer("last_coefficients", torch.zeros(0))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped", torch.zeros((), dtype=torch.long))
+        self.register_buffer("direction_b", torch.zeros(0))
+        self.register_buffer("direction_fusion", torch.zeros(0))
+        self.register_buffer("direction_heads", torch.zeros(0))
 
     def extra_repr(self) -> str:
         return f"rho={self.rho}, lam={self.lam}, task={self.task!r}, official={self.official}"
 
     def reset(self) -> None:
-        for name in ("previous", "last_b", "last_coefficients"):
+        for name in (
+            "previous",
+            "last_b",
+            "last_coefficients",
+            "direction_b",
+            "direction_fusion",
+            "direction_heads",
+        ):
             setattr(self, name, torch.zeros(0, device=self.steps.device))
         self.steps.zero_()
+        self.skipped.zero_()
 
     def check(self, binding: Binding) -> list[str]:
-        if self.lam == 0 or binding.fusion is None:
-            return []
-        return check_direction(binding, "CGGM")
+        return check_direction(binding, "CGGM", "lam") if self.lam > 0 else []
 
-    def _ensure_state(self, m: int, device: torch.device) -> None:
+    def check_step(self, binding: Binding, step: Step) -> list[str]:
+        if self.task == "classification" and self._default_metric:
+            return class_index_problem("CGGM", step.targets, None)
+        return []
+
+    def _stale_direction(self) -> bool:
+        return self.official and self.lam > 0
+
+    def _ensure_state(self, binding: Binding) -> None:
+        m, device = len(binding.names), binding.device
         if self.previous.shape == (m,):
             if self.previous.device != device:
                 self.to(device)
@@ -125,11 +172,28 @@ class CGGM(Method):
         self.last_b = torch.full((m,), (m - 1) / m, device=device, dtype=dtype)
         self.last_coefficients = torch.ones(m, device=device, dtype=dtype)
         self.steps = self.steps.to(device)
+        self.skipped = self.skipped.to(device)
+
+    def _ensure_direction_state(self, binding: Binding) -> None:
+        """The official direction loss's snapshot, before the first step: zero weights (no loss
+        at the first step) at the current fusion and classifier weights (finite cosines)."""
+        assert binding.fusion is not None
+        u = binding.fusion
+        m = len(binding.names)
+        if self.direction_fusion.shape == u.shape and self.direction_b.shape == (m,):
+            if self.direction_fusion.device != u.device:
+                self.direction_fusion = self.direction_fusion.to(u.device)
+                self.direction_heads = self.direction_heads.to(u.device)
+                self.direction_b = self.direction_b.to(u.device)
+            return
+        self.direction_b = torch.zeros(m, device=u.device, dtype=self.previous.dtype)
+        self.direction_fusion = u.detach().clone()
+        self.direction_heads = torch.stack([v.detach().to(u.dtype) for v in head_matrices(binding)])
 
     def plan(self, binding: Binding, step: Step) -> StepPlan:
         assert binding.classifiers is not None
         names = binding.names
-        self._ensure_state(len(names), binding.device)
+        self._ensure_state(binding)
         heads = [binding.classifiers[n] for n in names]
         run = run_heads(
             heads, [step.features[n] for n in names], step.targets, self.loss_fn, input_grads=False
@@ -143,17 +207,38 @@ class CGGM(Method):
             b = GF.improvement_rate_scale(
                 self.previous, metric, rho=1.0, policy=policy, zero_tol=self.zero_tol
             )
-            coefficients = self.rho * b
+            ok = torch.isfinite(metric).all() & torch.isfinite(b).all()
+            b = torch.where(ok, b, torch.zeros_like(b))  # a neutral step: no direction loss
+            coefficients = torch.where(ok, self.rho * b, torch.ones_like(b))
 
-        inject = []
+        inject: list[Injection] = []
+        snapshot: tuple[Tensor, Tensor] | None = None
         if binding.fusion is not None and self.lam > 0:
-            # Official: the previous step's B, one step late (a zero loss at the first step).
-            b_dir = self.last_b * (self.steps > 0) if self.official else b
-            inject.append(direction_injection(binding, b_dir, self.lam))
+            vs = head_matrices(binding)
+            if self._stale_direction():
+                # Official: the loss built at the previous step, differentiated at its weights.
+                self._ensure_direction_state(binding)
+                g = direction_gradient(
+                    self.direction_fusion, list(self.direction_heads), self.direction_b, self.lam
+                )
+                snapshot = (
+                    binding.fusion.detach().clone(),
+                    torch.stack([v.detach().to(binding.fusion.dtype) for v in vs]),
+                )
+            else:
+                g = direction_gradient(binding.fusion, vs, b, self.lam)
+            inject.append(Injection(binding.fusion, g, WHAT))
 
-        with torch.no_grad():
-            self.previous.copy_(metric)
-            self.last_b.copy_(b)
-            self.last_coefficients.copy_(coefficients)
-            self.steps += 1
-        return StepPlan(coefficients, accumulate, inject)
+        def commit() -> None:
+            with torch.no_grad():
+                self.previous.copy_(torch.where(ok, metric, self.previous))
+                self.last_b.copy_(torch.where(ok, b, self.last_b))
+                self.last_coefficients.copy_(coefficients)
+                self.steps += 1
+                self.skipped += (~ok).to(self.skipped.dtype)
+                if snapshot is not None:
+                    self.direction_b.copy_(b)
+                    self.direction_fusion.copy_(snapshot[0])
+                    self.direction_heads.copy_(snapshot[1])
+
+        return StepPlan(coefficients, accumulate, inject, commit=commit)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as GF
-from ._base import Binding, Injection, Method, Step, StepPlan, Targets
+from ._args import Check, check_args
+from ._base import Binding, Injection, Method, Step, StepPlan, Targets, class_index_problem
 from ._direction import check_direction, direction_injection
 from ._heads import global_mean, run_heads
 
@@ -51,7 +52,9 @@ class MultiLoss(Method):
     classifier_use = "required"
     trains_classifiers = True
     injects_into_features = True
+    modality_buffers = ("last_coefficients",)
     steps: Tensor
+    skipped: Tensor
     last_coefficients: Tensor
 
     def __init__(
@@ -63,20 +66,34 @@ class MultiLoss(Method):
         direction: float = 0.0,
     ) -> None:
         super().__init__()
-        if task not in ("classification", "regression"):
-            raise ValueError(f"task must be 'classification' or 'regression'; got {task!r}")
-        if weight <= 0:
-            raise ValueError(f"weight must be > 0; got {weight}")
-        if direction < 0:
-            raise ValueError(
-                f"direction (the direction loss's lambda) must be >= 0; got {direction}"
-            )
+        self._check_args(weight=weight, task=task, direction=direction)
         self.weight = float(weight)
         self.task: Task = task
         self.loss_fn: Loss = loss_fn or (F.cross_entropy if task == "classification" else _mse)
         self.direction = float(direction)
         self.register_buffer("last_coefficients", torch.zeros(0))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped", torch.zeros((), dtype=torch.long))
+
+    def _check_args(
+        self,
+        *,
+        weight: float,
+        task: str,
+        direction: float,
+        more: Sequence[Check] = (),
+        choices: Sequence[str] = (),
+    ) -> None:
+        who = type(self).__name__
+        bad_task = list(choices)
+        if task not in ("classification", "regression"):
+            bad_task.append(f"{who}: task must be 'classification' or 'regression'; got {task!r}")
+        checks: list[Check] = [
+            ("weight", weight, 0.0, False, None),
+            ("direction", direction, 0.0, True, None),
+            *more,
+        ]
+        check_args(who, checks, bad_task)
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, task={self.task!r}, direction={self.direction}"
@@ -84,9 +101,12 @@ class MultiLoss(Method):
     def reset(self) -> None:
         self.last_coefficients = torch.zeros(0, device=self.steps.device)
         self.steps.zero_()
+        self.skipped.zero_()
 
     def check(self, binding: Binding) -> list[str]:
-        return check_direction(binding, type(self).__name__) if self.direction > 0 else []
+        if self.direction > 0:
+            return check_direction(binding, type(self).__name__, "direction")
+        return []
 
     def coefficients(self, outputs: list[Tensor], step: Step, like: Tensor) -> Tensor:
         """This step's coefficients from the heads' outputs (all ones for plain multi-loss)."""
@@ -98,8 +118,6 @@ class MultiLoss(Method):
         m = len(names)
         dtype = torch.float32 if binding.device.type == "mps" else torch.float64
         like = torch.zeros(m, device=binding.device, dtype=dtype)
-        if self.last_coefficients.shape != (m,):
-            self.last_coefficients = torch.ones_like(like)
         run = run_heads(
             [binding.classifiers[n] for n in names],
             [step.features[n] for n in names],
@@ -110,6 +128,8 @@ class MultiLoss(Method):
         )
         with torch.no_grad():
             k = self.coefficients(run.outputs, step, like)
+            ok = torch.isfinite(k).all()
+            k = torch.where(ok, k, torch.ones_like(k))
         accumulate = [
             (p, self._scale_head_grad(g, k[i]))
             for i, pairs in enumerate(run.param_grads)
@@ -122,11 +142,14 @@ class MultiLoss(Method):
         ]
         if self.direction > 0:
             inject.append(direction_injection(binding, k, self.direction))
-        with torch.no_grad():
-            self.last_coefficients = self.last_coefficients.to(k.device)
-            self.last_coefficients.copy_(k)
-            self.steps += 1
-        return StepPlan(k, accumulate, inject)
+
+        def commit() -> None:
+            with torch.no_grad():
+                self.last_coefficients = k.clone()
+                self.steps = self.steps.to(k.device) + 1
+                self.skipped = self.skipped.to(k.device) + (~ok).to(self.skipped.dtype)
+
+        return StepPlan(k, accumulate, inject, commit=commit)
 
     def _scale_head_grad(self, g: Tensor, k: Tensor) -> Tensor:
         return g
@@ -167,13 +190,14 @@ class MLB(MultiLoss):
         loss_fn: Loss | None = None,
         direction: float = 0.0,
     ) -> None:
-        super().__init__(weight=weight, task=task, loss_fn=loss_fn, direction=direction)
-        if alpha <= 0:
-            raise ValueError(f"alpha must be > 0; got {alpha}")
-        if beta is not None and beta < 1:
-            raise ValueError(f"beta caps the boost and must be >= 1; got {beta}")
+        more: list[Check] = [("alpha", alpha, 0.0, False, None)]
+        if beta is not None:
+            more.append(("beta (the cap of the boost)", beta, 1.0, True, None))
+        choices = []
         if scale not in ("encoder", "official"):
-            raise ValueError(f"scale must be 'encoder' or 'official'; got {scale!r}")
+            choices.append(f"MLB: scale must be 'encoder' or 'official'; got {scale!r}")
+        self._check_args(weight=weight, task=task, direction=direction, more=more, choices=choices)
+        super().__init__(weight=weight, task=task, loss_fn=loss_fn, direction=direction)
         self.alpha = float(alpha)
         self.beta = beta
         self.scale = scale
@@ -192,6 +216,13 @@ class MLB(MultiLoss):
                 "scale='encoder'"
             )
         return problems
+
+    def check_step(self, binding: Binding, step: Step) -> list[str]:
+        if self.task != "classification":
+            return []
+        first = next(iter(step.features.values()), None)
+        batch = int(first.shape[0]) if isinstance(first, Tensor) and first.dim() else None
+        return class_index_problem("MLB", step.targets, batch)
 
     def targets(self, binding: Binding) -> Targets:
         base = super().targets(binding)

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from .. import functional as GF
 from .._errors import StepError
-from ._base import Binding, Method, Step, StepPlan, Targets
+from ._args import check_args
+from ._base import Binding, Method, Step, StepPlan, Targets, class_index_problem
 
 __all__ = ["OGMGE"]
 
@@ -58,7 +59,9 @@ class OGMGE(Method):
     """
 
     classifier_use = "optional"
+    modality_buffers = ("last_coefficients", "last_scores")
     epoch: Tensor
+    skipped: Tensor
     noise_steps: Tensor
     steps: Tensor
     last_coefficients: Tensor
@@ -75,32 +78,41 @@ class OGMGE(Method):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if alpha <= 0:
-            raise ValueError(f"alpha must be > 0; got {alpha}")
+        choices = []
         if form not in ("official", "continuous"):
-            raise ValueError(f"form must be 'official' or 'continuous'; got {form!r}")
-        if window is not None and not (len(window) == 2 and 0 <= window[0] <= window[1]):
-            raise ValueError(
-                f"window must be (first, last) epochs with 0 <= first <= last; got {window}"
+            choices.append(f"OGMGE: form must be 'official' or 'continuous'; got {form!r}")
+        if window is not None and not (
+            isinstance(window, tuple | list)
+            and len(window) == 2
+            and all(isinstance(w, int) and not isinstance(w, bool) for w in window)
+            and 0 <= window[0] <= window[1]
+        ):
+            choices.append(
+                "OGMGE: window must be (first, last) integer epochs with 0 <= first <= last, or "
+                f"None; got {window!r}"
             )
         if not (params in ("encoder", "conv") or callable(params)):
-            raise ValueError(f"params must be 'encoder', 'conv' or a predicate; got {params!r}")
+            choices.append(
+                f"OGMGE: params must be 'encoder', 'conv' or a predicate; got {params!r}"
+            )
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            choices.append(f"OGMGE: seed must be an integer; got {seed!r}")
+        check_args("OGMGE", [("alpha", alpha, 0.0, False, None)], choices)
         self.alpha = float(alpha)
         self.form: GF.OGMForm = form
-        self.window = window
+        self.window = None if window is None else (int(window[0]), int(window[1]))
         self.ge = bool(ge)
         self.params = params
         self.seed = int(seed)
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
         self.register_buffer("noise_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_coefficients", torch.zeros(0))
         self.register_buffer("last_scores", torch.zeros(0))
-        # per-step transient state, read by the noise hooks of the current backward
-        self._boundary = True
-        self._loss_scale: Tensor | None = None
+        # Unscaled gradients of the committed earlier micro-batches of the current
+        # accumulation window, per (modality, tensor) (not in state_dict: see the README).
         self._pending: dict[tuple[int, int], Tensor] = {}
-        self._noise_step = 0
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def extra_repr(self) -> str:
@@ -113,7 +125,7 @@ class OGMGE(Method):
         self.epoch.fill_(int(epoch))
 
     def reset(self) -> None:
-        for name in ("epoch", "noise_steps", "steps"):
+        for name in ("epoch", "noise_steps", "steps", "skipped"):
             getattr(self, name).zero_()
         self.last_coefficients = torch.zeros(0, device=self.steps.device)
         self.last_scores = torch.zeros(0, device=self.steps.device)
@@ -179,6 +191,11 @@ class OGMGE(Method):
                 out.append(z + head.bias / m if head.bias is not None else z)
             return out
 
+    def check_step(self, binding: Binding, step: Step) -> list[str]:
+        first = next(iter(step.features.values()), None)
+        batch = int(first.shape[0]) if isinstance(first, Tensor) and first.dim() else None
+        return class_index_problem("OGMGE", step.targets, batch)
+
     def plan(self, binding: Binding, step: Step) -> StepPlan:
         names = binding.names
         dtype = torch.float32 if binding.device.type == "mps" else torch.float64
@@ -194,19 +211,32 @@ class OGMGE(Method):
                 if active
                 else torch.ones_like(scores)
             )
-        if self._boundary:  # the previous backward closed an optimizer step: a new window
-            self._pending.clear()
-        self._boundary = step.boundary
-        self._loss_scale = step.loss_scale
-        transform = self._noisy if (self.ge and active) else None
-        with torch.no_grad():
-            self.last_scores = scores.detach().clone()
-            self.last_coefficients = k.detach().clone()
-            self.steps += 1
-            if transform is not None and step.boundary:
-                self.noise_steps += 1
-        self._noise_step = int(self.noise_steps)  # host-side: the counter lives on the host
-        return StepPlan(k, transform=transform)
+            ok = torch.isfinite(scores).all() & torch.isfinite(k).all()
+            k = torch.where(ok, k, torch.ones_like(k))
+        noisy = self.ge and active
+        block = _NoiseBlock(
+            self,
+            boundary=step.boundary,
+            noise_step=int(self.noise_steps) + 1,  # host-side: the counter lives on the host
+            loss_scale=step.loss_scale,
+        )
+
+        def commit() -> None:
+            block.commit()
+            with torch.no_grad():
+                before = (
+                    self.last_scores.to(scores)
+                    if self.last_scores.shape == scores.shape
+                    else torch.zeros_like(scores)
+                )
+                self.last_scores = torch.where(ok, scores, before)
+                self.last_coefficients = k.detach().clone()
+                self.steps += 1
+                self.skipped += (~ok).to(self.skipped.dtype)
+                if noisy and step.boundary:
+                    self.noise_steps += 1
+
+        return StepPlan(k, transform=block.transform if noisy else None, commit=commit)
 
     # ------------------------------------------------------------------------------ GE noise
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -215,28 +245,57 @@ class OGMGE(Method):
             gen = self._generators[device] = torch.Generator(device=device)
         return gen
 
-    def _noisy(self, k: Tensor, m: int, i: int, grad: Tensor) -> Tensor:
+
+class _NoiseBlock:
+    """The GE noise of one ``with`` block: what its hooks record is staged until the block exits
+    cleanly (:meth:`commit`), so a failed micro-batch that is redone counts once."""
+
+    def __init__(
+        self, method: OGMGE, *, boundary: bool, noise_step: int, loss_scale: Tensor | None
+    ) -> None:
+        self.method = method
+        self.boundary = boundary
+        self.noise_step = noise_step
+        self.loss_scale = loss_scale
+        self.staged: dict[tuple[int, int], Tensor] = {}
+        self.seen: set[tuple[int, int]] = set()
+
+    def commit(self) -> None:
+        pending = self.method._pending
+        if self.boundary:  # this backward closed an optimizer step: a new window starts
+            pending.clear()
+        else:
+            pending.update(self.staged)
+
+    def transform(self, k: Tensor, m: int, i: int, grad: Tensor) -> Tensor:
         """``k * grad`` plus, at the boundary micro-batch, the GE noise (a gradient hook)."""
         if grad.is_sparse:
-            raise RuntimeError(
+            raise StepError(
                 "OGM-GE's noise needs dense gradients, but a parameter of modality "
                 f"{m} has a sparse one (an embedding with sparse=True): use a dense embedding "
                 "or OGMGE(ge=False)"
             )
-        scaled = (grad * k).to(grad.dtype)
         key = (m, i)
-        if not self._boundary:
-            before = self._pending.get(key)
-            self._pending[key] = grad.detach().clone() if before is None else before + grad
+        if key in self.seen:
+            raise StepError(
+                "OGM-GE's noise is drawn once per backward, but a second backward ran inside "
+                "this block (backward(retain_graph=True) twice): sum the losses and call "
+                "backward() once per block, or use one block per micro-batch with "
+                "boundary=False on all but the last"
+            )
+        self.seen.add(key)
+        scaled = (grad * k).to(grad.dtype)
+        before = self.method._pending.get(key)
+        total = grad.detach() if before is None else before + grad.detach()
+        if not self.boundary:
+            self.staged[key] = total if before is not None else total.clone()
             return scaled
-        before = self._pending.pop(key, None)
-        total = grad if before is None else before + grad
         if total.numel() > 1:
             std = torch.nan_to_num(total.float().std(), nan=0.0, posinf=0.0, neginf=0.0)
         else:  # the unbiased std of one number is undefined: no noise
             std = total.new_zeros((), dtype=torch.float32)
-        eps = 1e-8 * (self._loss_scale.float() if self._loss_scale is not None else 1.0)
-        gen = self._generator(grad.device)
-        gen.manual_seed(hash((self.seed, self._noise_step, m, i)) % _SEED_SPACE)
+        eps = 1e-8 * (self.loss_scale.float() if self.loss_scale is not None else 1.0)
+        gen = self.method._generator(grad.device)
+        gen.manual_seed(hash((self.method.seed, self.noise_step, m, i)) % _SEED_SPACE)
         noise = torch.randn(grad.shape, generator=gen, device=grad.device, dtype=torch.float32)
         return scaled + (noise * (std + eps)).to(grad.dtype)

@@ -1,0 +1,218 @@
+"""Configuration and step checks of a context: every problem found is reported at once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._errors import ConfigurationError
+from ._groups import Slot, reachable_leaves
+from .methods import Binding, Method, Targets
+
+__all__ = [
+    "check_classifiers",
+    "check_ddp_heads",
+    "check_feature_graph",
+    "check_features",
+    "check_parameters",
+    "check_targets",
+]
+
+
+def check_classifiers(
+    method: Method,
+    classifiers: Mapping[str, nn.Module] | None,
+    names: Sequence[str],
+    problems: list[str],
+) -> dict[str, nn.Module] | None:
+    """The classifiers the method will use, with a problem for each mismatch."""
+    who = type(method).__name__
+    use = method.classifier_use
+    if classifiers is None:
+        if use == "required":
+            problems.append(
+                f"{who} needs one unimodal classifier per modality: pass classifiers={{name: module}}"
+            )
+        return None
+    if use == "unused":
+        problems.append(
+            f"{who} uses no unimodal classifiers, but classifiers were given: drop them "
+            "(nothing would read them)"
+        )
+    missing = [n for n in names if n not in classifiers]
+    extra = [k for k in classifiers if k not in names]
+    if missing or extra:
+        problems.append(
+            f"classifier keys {sorted(classifiers)} do not match encoder keys "
+            f"{list(names)} (missing: {missing}, unknown: {extra})"
+        )
+    bad = [k for k, c in classifiers.items() if not isinstance(c, nn.Module)]
+    if bad:
+        problems.append(f"classifiers {bad} are not nn.Module instances")
+    return {k: c for k, c in classifiers.items() if isinstance(c, nn.Module)}
+
+
+def check_ddp_heads(
+    model: nn.Module | None,
+    method: Method,
+    classifiers: Mapping[str, nn.Module] | None,
+    problems: list[str],
+) -> None:
+    """Heads that the method trains must stay outside a DDP-wrapped model."""
+    if not (
+        isinstance(model, nn.parallel.DistributedDataParallel)
+        and classifiers is not None
+        and method.trains_classifiers
+    ):
+        return
+    in_ddp = {id(p) for p in model.parameters()}
+    if any(id(p) in in_ddp for c in classifiers.values() for p in c.parameters()):
+        problems.append(
+            f"the classifiers are inside the DDP-wrapped model, but {type(method).__name__} "
+            "trains them outside its forward (DDP would wait for their gradients); keep them "
+            "outside the DDP module: gradmod all-reduces their gradients itself"
+        )
+
+
+def check_targets(method: Method, binding: Binding, problems: list[str]) -> Targets:
+    """What the method scales, with a problem where the mode cannot honour it."""
+    targets = method.targets(binding)
+    who = type(method).__name__
+    for n in binding.names:
+        chosen = list(targets.encoders.get(n, ()))
+        if not chosen and method.level == "encoders":
+            problems.append(
+                f"{who} selects no tensor of encoders[{n!r}] to modulate: check its parameter "
+                "filter"
+            )
+        if binding.mode == "feature" and {id(t) for t in chosen} != {
+            id(p) for p in binding.groups[n]
+        }:
+            problems.append(
+                f"feature mode scales the whole of encoders[{n!r}], but {who} modulates only "
+                "part of it: use mode='parameter'"
+            )
+    return targets
+
+
+def check_parameters(
+    slots: Sequence[tuple[dict[str, nn.Parameter | None], str, Tensor]],
+    skipped: Sequence[Tensor],
+    hooked: Sequence[Tensor],
+) -> list[str]:
+    """Encoder parameters changed since the context was built (one pass, no host sync).
+
+    ``slots``: where each encoder parameter was registered; ``skipped``: the frozen parameters
+    ``allow_frozen=True`` left out; ``hooked``: the tensors that get a parameter hook.
+    """
+    problems: list[str] = []
+    replaced = sum(1 for d, k, p in slots if d.get(k) is not p)
+    if replaced:
+        problems.append(
+            f"{replaced} encoder parameter(s) were replaced after the context was built (e.g. "
+            "by load_state_dict(assign=True) on the model or an encoder layer): the new ones "
+            "would not be modulated; build the context again"
+        )
+    thawed = sum(1 for p in skipped if p.requires_grad)
+    if thawed:
+        problems.append(
+            f"{thawed} encoder parameter(s) that allow_frozen=True skipped because they were "
+            "frozen now require grad: they would train unmodulated; build the context again "
+            "after unfreezing"
+        )
+    frozen = [t for t in hooked if not t.requires_grad]
+    if frozen:
+        problems.append(
+            f"{len(frozen)} encoder parameter(s) (the first of shape {tuple(frozen[0].shape)}) "
+            "stopped requiring grad after the context was built: build it again after freezing "
+            "(allow_frozen=True skips them)"
+        )
+    return problems
+
+
+def check_features(
+    method: Method,
+    names: Sequence[str],
+    features: Mapping[str, Tensor] | None,
+    live: bool,
+    columns: Tensor | None,
+    problems: list[str],
+) -> None:
+    """One step's features: keys, types, graph attachment, widths for a column-scaled head."""
+    who = type(method).__name__
+    need = method.uses_features or live or columns is not None
+    if features is None:
+        if need:
+            problems.append(
+                "no features for this step: enter with ctx(features={name: encoder output}, "
+                "targets=y)"
+            )
+        return
+    keys = list(features)
+    if sorted(keys) != sorted(names):
+        problems.append(f"features keys {keys} do not match the modalities {list(names)}")
+        return
+    for k, h in features.items():
+        if not isinstance(h, Tensor):
+            problems.append(f"features[{k!r}] is a {type(h).__name__}, not a tensor")
+        elif live and not h.requires_grad:
+            problems.append(
+                f"features[{k!r}] is not attached to the autograd graph (detached, or computed "
+                f"under no_grad): {who} in this mode hooks the live tensor"
+            )
+    if columns is not None and not problems:
+        widths = [int(features[n].shape[-1]) for n in names]
+        if sum(widths) != columns.shape[-1]:
+            problems.append(
+                f"the fusion weight has {columns.shape[-1]} input columns but the features' "
+                f"widths {widths} add up to {sum(widths)}: the fusion head must be one Linear "
+                "over the features concatenated in modality order"
+            )
+
+
+def check_feature_graph(
+    model: nn.Module | None, binding: Binding, features: Mapping[str, Tensor]
+) -> None:
+    """Feature mode's precondition, read off the autograd graph of the first step's features."""
+    problems: list[str] = []
+    model_params = (
+        {id(p) for p in model.parameters() if p.requires_grad} if model is not None else set()
+    )
+    group_ids = {n: {id(p) for p in ps} for n, ps in binding.groups.items()}
+    for n in binding.names:
+        leaves = reachable_leaves(features[n])
+        missing = len(group_ids[n] - leaves)
+        if missing:
+            problems.append(
+                f"{missing} parameter(s) of encoders[{n!r}] do not feed features[{n!r}]: "
+                "feature mode would not modulate them; use mode='parameter'"
+            )
+        for j in binding.names:
+            if j != n and group_ids[j] & leaves:
+                problems.append(
+                    f"features[{n!r}] depends on parameters of encoders[{j!r}]: feature mode "
+                    "needs disjoint encoders; use mode='parameter'"
+                )
+        foreign = (leaves & model_params) - set().union(*group_ids.values())
+        if foreign:
+            problems.append(
+                f"features[{n!r}] depends on {len(foreign)} trainable parameter(s) outside "
+                f"encoders[{n!r}] (a shared input layer?): feature mode would scale their "
+                "gradients too; add them to the group or use mode='parameter'"
+            )
+    if problems:
+        raise ConfigurationError(problems)
+
+
+def slot_list(
+    slots: Mapping[int, list[Slot]], groups: Mapping[str, Sequence[nn.Parameter]]
+) -> list[tuple[dict[str, nn.Parameter | None], str, Tensor]]:
+    """``(owner dict, key, parameter)`` for every registration of every encoder parameter."""
+    return [(d, k, p) for ps in groups.values() for p in ps for d, k, _ in slots.get(id(p), [])]
+
+
+def coef_dtype(device: torch.device) -> torch.dtype:
+    """The coefficients' dtype: float64, except where the device has none (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64

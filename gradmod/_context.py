@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import threading
 from collections.abc import Mapping
 from types import TracebackType
@@ -208,16 +209,18 @@ class ModulationContext:
         # float64: exact for float64 models; a 0-d factor never promotes a bf16/fp32 gradient.
         self._coeffs = torch.ones(len(names), device=device, dtype=coef_dtype(device))
         self._hooks = HookSet(self._coeffs)
-        self._slots = slot_list(slots, groups)
+        self._slots = slot_list(root, slots, groups)
         self._skipped = skipped
         self._hooked = (
             [t for ts in self._targets.encoders.values() for t in ts]
             if self.method.level == "encoders" and self.mode == "parameter"
             else []
         )
-        self._claim = (
-            [] if self._hooked else [p for ps in groups.values() for p in ps]
-        )  # parameters held with a marker where no parameter hook holds them
+        # Where no parameter hook holds the encoders (feature mode, response-level methods), each
+        # group is held by a pass-through marker on its first parameter (one call per modality
+        # and backward), and every group parameter is checked for another context on entering.
+        self._members = [p for ps in groups.values() for p in ps]
+        self._claim = [] if self._hooked else [ps[0] for ps in groups.values() if ps]
         self._target_tensors = [t for ts in self._targets.encoders.values() for t in ts]
         self._lock = threading.Lock()
         self._plan: StepPlan | None = None
@@ -226,6 +229,18 @@ class ModulationContext:
         self._one_shot: _Inputs | None = (
             (features, targets, True, 1.0) if features is not None or targets is not None else None
         )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles (``copy.deepcopy`` of a module that holds the context) leave the
+        lock out; an active block is not part of the state."""
+        state = self.__dict__.copy()
+        del state["_lock"]
+        state["_plan"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     # ----------------------------------------------------------------------------------- API
     @property
@@ -310,7 +325,7 @@ class ModulationContext:
             StepError: ``weight`` is not a finite number > 0.
         """
         if isinstance(weight, bool) or not (
-            isinstance(weight, int | float) and weight > 0 and math.isfinite(weight)
+            isinstance(weight, numbers.Real) and weight > 0 and math.isfinite(weight)
         ):
             raise StepError(
                 f"weight must be a finite number > 0 (1/n for n micro-batches); got {weight!r}"
@@ -354,7 +369,7 @@ class ModulationContext:
             self._follow_device()
             feats: Mapping[str, Tensor] = features or {}
             step = self._check_step(features, targets, boundary)
-            if self._hooks.held_elsewhere(self._hooked or self._claim):
+            if self._hooks.held_elsewhere(self._hooked or self._members):
                 raise ContextError(CONFLICT)
             plan = self.method.plan(self._binding, step)
             self._set_coefficients(plan)
@@ -471,7 +486,8 @@ class ModulationContext:
         self, features: Mapping[str, Tensor], plan: StepPlan, loss_scale: Tensor | None
     ) -> None:
         hooks = self._hooks
-        hooks.claim(self._claim)
+        scaled = {id(t) for t in features.values()}
+        hooks.claim([p for p in self._claim if p.requires_grad and id(p) not in scaled])
         # Injections first: a coefficient that scales the same tensor scales them too.
         hooks.inject(plan.inject, loss_scale, self._weight)
         if self.method.level == "responses" or self.mode == "feature":

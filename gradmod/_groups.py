@@ -260,7 +260,7 @@ def tied_outside(
     slots: Mapping[int, list[Slot]],
 ) -> list[str]:
     """Encoder parameters registered somewhere outside their encoder as well (a weight tied
-    with the fusion head, an encoder module reused elsewhere): feature mode would leave the
+    with the fusion head, an encoder layer reused in the head): feature mode would leave the
     gradient they receive there unscaled."""
     problems: list[str] = []
     for name, ps in groups.items():
@@ -270,13 +270,15 @@ def tied_outside(
             if enc is not None
             else []
         )
-        home = paths[0] if len(paths) == 1 else None
         for p in ps:
             quals = [q for _, _, q in slots.get(id(p), [])]
             if len(quals) < 2:
                 continue
-            if home is not None and all(home == "" or q.startswith(home + ".") for q in quals):
-                continue  # tied within the encoder: its gradient still flows through the feature
+            if paths and all(any(h == "" or q.startswith(h + ".") for h in paths) for q in quals):
+                # Tied within the encoder, or the encoder registered under several names (a
+                # ModuleList of the encoders besides the attributes): gradient still flows
+                # through the feature. A module registered twice AND called twice is not seen.
+                continue
             problems.append(
                 f"encoders[{name!r}] has a parameter registered as {' and '.join(map(repr, quals))} "
                 "(a tied weight or a module used twice): feature mode scales only the gradient "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -98,22 +99,24 @@ def check_targets(method: Method, binding: Binding, problems: list[str]) -> Targ
 
 
 def check_parameters(
-    slots: Sequence[tuple[dict[str, nn.Parameter | None], str, Tensor]],
+    slots: Sequence[Registration],
     skipped: Sequence[Tensor],
     hooked: Sequence[Tensor],
 ) -> list[str]:
     """Encoder parameters changed since the context was built (one pass, no host sync).
 
-    ``slots``: where each encoder parameter was registered; ``skipped``: the frozen parameters
-    ``allow_frozen=True`` left out; ``hooked``: the tensors that get a parameter hook.
+    ``slots``: where each encoder parameter and the modules above it were registered;
+    ``skipped``: the frozen parameters ``allow_frozen=True`` left out; ``hooked``: the tensors
+    that get a parameter hook.
     """
     problems: list[str] = []
     replaced = sum(1 for d, k, p in slots if d.get(k) is not p)
     if replaced:
         problems.append(
-            f"{replaced} encoder parameter(s) were replaced after the context was built (e.g. "
-            "by load_state_dict(assign=True) on the model or an encoder layer): the new ones "
-            "would not be modulated; build the context again"
+            f"{replaced} encoder parameter(s) or layer(s) were replaced after the context was "
+            "built (e.g. by load_state_dict(assign=True) on the model or an encoder layer, or by "
+            "assigning a new layer): the new ones would not be modulated; build the context "
+            "again"
         )
     thawed = sum(1 for p in skipped if p.requires_grad)
     if thawed:
@@ -181,9 +184,10 @@ def check_feature_graph(
         {id(p) for p in model.parameters() if p.requires_grad} if model is not None else set()
     )
     group_ids = {n: {id(p) for p in ps} for n, ps in binding.groups.items()}
+    training = {n: {id(p) for p in ps if p.requires_grad} for n, ps in binding.groups.items()}
     for n in binding.names:
         leaves = reachable_leaves(features[n])
-        missing = len(group_ids[n] - leaves)
+        missing = len(training[n] - leaves)  # a parameter frozen since needs no modulation
         if missing:
             problems.append(
                 f"{missing} parameter(s) of encoders[{n!r}] do not feed features[{n!r}]: "
@@ -206,11 +210,34 @@ def check_feature_graph(
         raise ConfigurationError(problems)
 
 
+Registration = tuple[dict[str, Any], str, object]
+
+
 def slot_list(
-    slots: Mapping[int, list[Slot]], groups: Mapping[str, Sequence[nn.Parameter]]
-) -> list[tuple[dict[str, nn.Parameter | None], str, Tensor]]:
-    """``(owner dict, key, parameter)`` for every registration of every encoder parameter."""
-    return [(d, k, p) for ps in groups.values() for p in ps for d, k, _ in slots.get(id(p), [])]
+    root: nn.Module | None,
+    slots: Mapping[int, list[Slot]],
+    groups: Mapping[str, Sequence[nn.Parameter]],
+) -> list[Registration]:
+    """``(owner dict, key, object)`` for every registration of every encoder parameter, and for
+    every module on the path from ``root`` to it (so that a replaced layer is seen too)."""
+    out: list[Registration] = []
+    seen: set[tuple[int, str]] = set()
+    for ps in groups.values():
+        for p in ps:
+            for d, k, qual in slots.get(id(p), []):
+                out.append((d, k, p))
+                if root is None:
+                    continue
+                parent = root
+                for name in qual.split(".")[:-1]:
+                    child = parent._modules.get(name)
+                    if child is None:
+                        break
+                    if (id(parent._modules), name) not in seen:
+                        seen.add((id(parent._modules), name))
+                        out.append((parent._modules, name, child))
+                    parent = child
+    return out
 
 
 def coef_dtype(device: torch.device) -> torch.dtype:

@@ -11,6 +11,7 @@ import math
 import threading
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,11 @@ def test_official_direction_loss_is_taken_at_the_previous_steps_weights() -> Non
         loss.backward()
     plain = torch.autograd.grad(loss_of(model, xs, y)[0], model.head[-1].weight)[0]
     torch.testing.assert_close(model.head[-1].weight.grad, plain, rtol=0, atol=0)  # none at t=1
-    b1 = ctx.method.last_b.clone()  # type: ignore[operator]
+    # official B of the first step, from the classifiers' accuracies (acc1 starts at 0)
+    acc = [float((clfs[n](feats[n].detach()).argmax(-1) == y).double().mean()) for n in NAMES]
+    s1 = sum(acc) + 1e-8
+    b1 = torch.tensor([(s1 - a) / s1 for a in acc], dtype=F64)
+    torch.testing.assert_close(ctx.method.last_b.cpu(), b1, rtol=1e-12, atol=0)  # type: ignore[union-attr]
     u1 = model.head[-1].weight.detach().clone()
     v1 = [clfs[n][-1].weight.detach().clone() for n in NAMES]
     assert float(b1.abs().min()) > 0.1
@@ -165,6 +170,17 @@ def test_one_encoder_layer_replaced_after_construction_is_refused(mode: str) -> 
     assert no_grads(model) and hook_count(list(model.parameters())) == 0
 
 
+def test_encoder_layer_module_replaced_after_construction_is_refused() -> None:
+    model = make_model()
+    ctx = gradmod.ModulationContext(model, encoders=ENC, method=FixedMethod([[1.0, 2.0, 3.0]]))
+    model.enc["b"][2] = nn.Linear(7, 4).to(DEVICE, DTYPE)  # a new layer object
+    xs, y = batch()
+    _, feats = loss_of(model, xs, y)
+    with pytest.raises(gradmod.StepError, match="replaced after the context was built"):
+        ctx(features=feats, targets=y).__enter__()
+    assert ctx.method.calls == 0  # type: ignore[attr-defined]
+
+
 def test_tied_weight_replaced_in_one_place_is_refused() -> None:
     model = make_model()
     model.add_module("alias", model.enc["a"][0])  # the same layer under two names
@@ -187,6 +203,106 @@ def test_parameter_skipped_as_frozen_and_unfrozen_later_is_refused(mode: str) ->
     with pytest.raises(gradmod.StepError, match="allow_frozen=True skipped"):
         ctx(features=feats, targets=y).__enter__()
     assert no_grads(model) and hook_count(list(model.parameters())) == 0
+
+
+@pytest.mark.parametrize("kind", ["feature", "agm"])
+def test_freezing_a_parameter_later_is_fine_where_no_parameter_hook_holds_it(kind: str) -> None:
+    """Feature and response scaling stay exact for the parameters that still train."""
+    names = ("a", "b")
+    model = make(names)
+    if kind == "feature":
+        ctx = ctx_for(model, FixedMethod([[0.5, 2.0]]), mode="feature")
+    else:
+        ctx = ctx_for(model, gradmod.AGM())
+    model.enc["a"][0].weight.requires_grad_(False)
+    xs, y = dev(*data(names))
+    feats = model.features(xs)
+    if kind == "agm":
+        feats = gradmod.functional.shapley_responses(model.fuse, feats)
+        out = sum(feats.values())
+    else:
+        out = model.fuse(feats)
+    with ctx(features=feats, targets=y):
+        F.cross_entropy(out, y).backward()  # type: ignore[arg-type]
+    assert model.enc["a"][0].weight.grad is None and model.enc["a"][2].weight.grad is not None
+
+
+class Holder(nn.Module):
+    """A module that keeps its model and the model's context (as a LightningModule would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_model()
+        self.ctx = gradmod.ModulationContext(
+            self.net, encoders=ENC, method=FixedMethod([[0.5, 2.0, 3.0]])
+        )
+
+
+def test_context_held_by_a_module_survives_deepcopy_and_pickling() -> None:
+    """An EMA copy or a snapshot of a module that keeps its context: the copy's context
+    modulates the copy's model."""
+    holder = Holder()
+    buf = io.BytesIO()
+    torch.save(holder, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(holder), torch.load(buf, weights_only=False)):
+        xs, y = batch()
+        loss, feats = loss_of(other.net, xs, y)
+        with other.ctx(features=feats, targets=y):
+            loss.backward()
+        twin = copy.deepcopy(holder.net)
+        loss_of(twin, xs, y)[0].backward()
+        for (name, p), q in zip(other.net.named_parameters(), twin.parameters(), strict=True):
+            k = {"enc.a": 0.5, "enc.b": 2.0, "enc.c": 3.0}.get(name[:5], 1.0)
+            torch.testing.assert_close(p.grad, q.grad * k, msg=name)
+
+
+@pytest.mark.parametrize("first", ["parameter", "feature"])
+@pytest.mark.parametrize("second", ["parameter", "feature"])
+def test_contexts_in_different_modes_over_one_encoder_are_refused(first: str, second: str) -> None:
+    model = make_model()
+    a = gradmod.ModulationContext(
+        model, encoders=ENC, method=FixedMethod([[1.0, 2.0, 3.0]]), mode=first
+    )
+    b = gradmod.ModulationContext(
+        model,
+        encoders={"x": "enc.a", "y": "head"},
+        method=FixedMethod([[2.0, 3.0]], uses_features=False),
+        mode="parameter",
+    )
+    if second == "feature":
+        b = gradmod.ModulationContext(
+            model, encoders=ENC, method=FixedMethod([[2.0, 3.0, 4.0]]), mode="feature"
+        )
+    xs, y = batch()
+    loss, feats = loss_of(model, xs, y)
+    with a(features=feats, targets=y):
+        with pytest.raises(gradmod.ContextError, match="already modulated"):
+            b(features=feats if second == "feature" else None, targets=y).__enter__()
+        loss.backward()
+    assert b.method.calls == 0  # type: ignore[attr-defined]
+    assert hook_count(list(model.parameters())) == 0
+
+
+def test_feature_mode_accepts_encoders_also_listed_in_a_module_list() -> None:
+    class Listed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.b = nn.Linear(2, 4)
+            self.encoders = nn.ModuleList([self.a, self.b])  # the same modules, a second name
+            self.head = nn.Linear(8, 3)
+
+    model = Listed().to(DEVICE, DTYPE)
+    ctx = gradmod.ModulationContext(
+        model, encoders={"a": "a", "b": "b"}, method=FixedMethod([[0.5, 2.0]]), mode="feature"
+    )
+    xa, xb = torch.randn(5, 3, device=DEVICE), torch.randn(5, 2, device=DEVICE)
+    h = {"a": model.a(xa), "b": model.b(xb)}
+    y = torch.zeros(5, dtype=torch.long, device=DEVICE)
+    with ctx(features=h, targets=y):
+        F.cross_entropy(model.head(torch.cat([h["a"], h["b"]], 1)), y).backward()
+    assert model.a.weight.grad is not None
 
 
 # ============================================================== B3. tied weights, feature mode
@@ -341,6 +457,7 @@ def test_step_weight_must_be_finite_and_positive() -> None:
     for bad in (math.nan, 0.0, -1.0, math.inf):
         with pytest.raises(gradmod.StepError, match="weight must be a finite number > 0"):
             ctx(weight=bad)
+    ctx(weight=np.float32(0.5))  # any real number
 
 
 # ====================================================== B7. two backward passes in one block

@@ -119,10 +119,12 @@ class AGM(Method):
                     f"is used with {m}; call reset() or use a new instance"
                 )
             self.score_sum = torch.zeros(m, device=binding.device, dtype=dtype)
-        if self.score_sum.device != binding.device:  # e.g. loaded from a CPU checkpoint
-            self.score_sum = self.score_sum.to(binding.device)
-            self.steps = self.steps.to(binding.device)
-            self.skipped = self.skipped.to(binding.device)
+        # all state on the scores' device (e.g. after loading a CPU checkpoint): the commit
+        # updates it in place with device tensors, without a host sync
+        for name in ("score_sum", "steps", "skipped"):
+            buf = getattr(self, name)
+            if buf.device != binding.device:
+                setattr(self, name, buf.to(binding.device))
         like = self.score_sum
         floor = 1e-8 if not self.official or m == 2 else 0.0
         with torch.no_grad():

@@ -232,7 +232,8 @@ class OGMGE(Method):
                 self.last_scores = torch.where(ok, scores, before)
                 self.last_coefficients = k.detach().clone()
                 self.steps += 1
-                self.skipped += (~ok).to(self.skipped.dtype)
+                # the counters stay on the host, except this one, which follows the scores
+                self.skipped = self.skipped.to(ok.device) + (~ok).to(self.skipped.dtype)
                 if noisy and step.boundary:
                     self.noise_steps += 1
 

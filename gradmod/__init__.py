@@ -32,7 +32,7 @@ by a per-step coefficient chosen by a published method, inside your own training
 """
 
 from . import functional
-from ._context import Mode, ModulationContext
+from ._context import Act, Mode, ModulationContext
 from ._errors import ConfigurationError, ContextError, GradmodError, StepError
 from ._recommended import balanced
 from .methods import (
@@ -53,6 +53,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AGM",
+    "Act",
     "CGGM",
     "MLB",
     "OGMGE",

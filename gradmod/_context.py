@@ -27,6 +27,7 @@ from ._groups import (
 )
 from ._hooks import CONFLICT, HookSet
 from ._recommended import balanced
+from ._update import UpdateLevel, check_optimizer
 from ._validate import (
     check_classifiers,
     check_ddp_heads,
@@ -39,9 +40,10 @@ from ._validate import (
 )
 from .methods import Binding, Method, Step, StepPlan
 
-__all__ = ["Mode", "ModulationContext"]
+__all__ = ["Act", "Mode", "ModulationContext"]
 
 Mode = Literal["parameter", "feature"]
+Act = Literal["gradient", "update"]
 _Inputs = tuple[Mapping[str, Tensor] | None, Tensor | None, bool, float]
 
 
@@ -122,6 +124,14 @@ class ModulationContext:
         process_group: the ``torch.distributed`` group over which scores and head gradients
             are reduced (default: the world, when initialised with > 1 rank).
         allow_frozen: skip, instead of refusing, frozen parameters in an encoder group.
+        act: where the coefficients act. ``"gradient"`` (default): on the encoders' gradients,
+            inside backward. ``"update"``: on the encoders' parameter *updates*, in the next
+            ``optimizer.step()`` — modality ``m``'s update is the one its parameters would get
+            with their learning rate multiplied by ``k_m`` (the mean of the coefficients of the
+            blocks since the last step), on unscaled gradients, so an adaptive optimizer (Adam,
+            AdamW) cannot cancel it. Needs ``optimizer=``; the method's own gradients (head
+            losses, direction loss) are still added inside backward, unscaled.
+        optimizer: the optimizer that steps the encoders (``act="update"`` only).
         features, targets: this step's inputs, for one-shot use
             (``with ModulationContext(model, heads, features=f, targets=y): loss.backward()``);
             usually given by calling the context, ``with ctx(features=..., targets=...)``.
@@ -142,6 +152,8 @@ class ModulationContext:
         grad_scaler: Any = None,
         process_group: Any = None,
         allow_frozen: bool = False,
+        act: Act = "gradient",
+        optimizer: torch.optim.Optimizer | None = None,
         features: Mapping[str, Tensor] | None = None,
         targets: Tensor | None = None,
     ) -> None:
@@ -160,6 +172,17 @@ class ModulationContext:
                 f"mode={mode!r} does not apply: leave mode unset"
             )
         resolved_mode: Mode = "feature" if mode == "feature" else "parameter"
+        if act not in ("gradient", "update"):
+            problems.append(f"act must be 'gradient' or 'update'; got {act!r}")
+        if act == "update" and self.method.level == "responses":
+            problems.append(
+                f"{who} scales the gradients of its responses, which reach the fusion head as "
+                "well as the encoders: it has no per-modality update; use act='gradient'"
+            )
+        if act != "update" and optimizer is not None:
+            problems.append(
+                "optimizer= is used by act='update' only: pass act='update', or drop it"
+            )
         if encoders is None:
             if classifiers is None:
                 raise ConfigurationError(
@@ -199,30 +222,50 @@ class ModulationContext:
         if not problems:  # method-level checks need a consistent binding
             problems.extend(self.method.check(self._binding))
             self._targets = check_targets(self.method, self._binding, problems)
+            if act == "update" and self._targets.columns is not None:
+                problems.append(
+                    f"{who} scales a column block of the fusion weight too, which has no "
+                    "per-modality update: use act='gradient' (or MLB(scale='encoder'))"
+                )
+            if act == "update" and not problems:
+                problems.extend(
+                    check_optimizer(
+                        optimizer, [self._targets.encoders.get(n, []) for n in names], names
+                    )
+                )
         if problems:
             raise ConfigurationError(problems)
 
         self.mode: Mode = resolved_mode
+        self.act: Act = act
         self.grad_scaler = grad_scaler
         self.process_group = process_group
         self._model = root
         # float64: exact for float64 models; a 0-d factor never promotes a bf16/fp32 gradient.
         self._coeffs = torch.ones(len(names), device=device, dtype=coef_dtype(device))
-        self._hooks = HookSet(self._coeffs)
+        self._update: UpdateLevel | None = None
+        if act == "update":
+            assert optimizer is not None
+            self._update = UpdateLevel(
+                optimizer, [self._targets.encoders.get(n, []) for n in names], names
+            )
+        self._hooks = HookSet(self._hook_coefficients())
         self._slots = slot_list(root, slots, groups)
         self._skipped = skipped
         self._hooked = (
             [t for ts in self._targets.encoders.values() for t in ts]
-            if self.method.level == "encoders" and self.mode == "parameter"
+            if self.method.level == "encoders" and self.mode == "parameter" and act == "gradient"
             else []
         )
-        # Where no parameter hook holds the encoders (feature mode, response-level methods), each
-        # group is held by a pass-through marker on its first parameter (one call per modality
-        # and backward), and every group parameter is checked for another context on entering.
+        # Where no parameter hook holds the encoders (feature mode, response-level methods, the
+        # update level), each group is held by a pass-through marker on its first parameter (one
+        # call per modality and backward); every group parameter is checked for another context
+        # on entering.
         self._members = [p for ps in groups.values() for p in ps]
-        self._claim = [] if self._hooked else [ps[0] for ps in groups.values() if ps]
         self._target_tensors = [t for ts in self._targets.encoders.values() for t in ts]
         self._lock = threading.Lock()
+        self._closed = False
+        self._boundary = True
         self._plan: StepPlan | None = None
         self._weight = 1.0
         self._feature_checked = False
@@ -236,6 +279,9 @@ class ModulationContext:
         state = self.__dict__.copy()
         del state["_lock"]
         state["_plan"] = None
+        if state["_update"] is not None:  # a copy is not attached to the optimizer
+            state["_update"] = None
+            state["_closed"] = True
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -268,13 +314,26 @@ class ModulationContext:
             return []
         return [p for n in self.names if n in cl for p in cl[n].parameters()]
 
+    def close(self) -> None:
+        """Detach from the optimizer (``act="update"``): its step hooks are removed and any
+        learning rate still scaled is restored. The context cannot be entered afterwards. Done
+        automatically when the context is garbage-collected."""
+        if self._update is not None:
+            self._update.close()
+        self._closed = True
+
     def set_epoch(self, epoch: int) -> None:
         """Tell the method the current epoch (OGM-GE's modulation window counts epochs)."""
         self.method.set_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        """The method's cross-step state (classifiers are the user's modules: save them too)."""
-        return self.method.state_dict()
+        """The method's cross-step state, and with ``act="update"`` the coefficients waiting for
+        the next optimizer step (``update.*``). Classifiers are the user's modules: save them
+        with the model."""
+        state: dict[str, Any] = dict(self.method.state_dict())
+        if self._update is not None:
+            state.update({f"update.{k}": v for k, v in self._update.state_dict().items()})
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the method's state saved by :meth:`state_dict`.
@@ -290,7 +349,11 @@ class ModulationContext:
                 continue
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 problems.append(f"state {key!r} holds non-finite values: the checkpoint is corrupt")
-            if key in self.method.modality_buffers and value.numel() and value.shape[0] != m:
+            if (
+                (key in self.method.modality_buffers or key == "update.sum")
+                and value.numel()
+                and value.shape[0] != m
+            ):
                 problems.append(
                     f"state {key!r} was saved for {value.shape[0]} modalities, but this context "
                     f"has {m} ({list(self.names)}): load the state of a context over the same "
@@ -298,7 +361,11 @@ class ModulationContext:
                 )
         if problems:
             raise ConfigurationError(problems)
-        self.method.load_state_dict(state_dict)
+        update = {k[7:]: v for k, v in state_dict.items() if k.startswith("update.")}
+        method = {k: v for k, v in state_dict.items() if not k.startswith("update.")}
+        self.method.load_state_dict(method)
+        if self._update is not None:
+            self._update.load_state_dict(update)
 
     def __call__(
         self,
@@ -365,11 +432,19 @@ class ModulationContext:
                 "another thread): enter it once at a time, and build one context per thread"
             )
         try:
+            if self._closed:
+                raise ContextError(
+                    "this ModulationContext was closed (or is a copy of an act='update' context, "
+                    "which is not attached to any optimizer): build a new one"
+                )
             features, targets, boundary, self._weight = inputs
+            self._boundary = boundary
+            if self._update is not None:
+                self._update.restore()  # a step that raised left a scaled learning rate behind
             self._follow_device()
             feats: Mapping[str, Tensor] = features or {}
             step = self._check_step(features, targets, boundary)
-            if self._hooks.held_elsewhere(self._hooked or self._members):
+            if self._hooks.held_elsewhere(self._members):
                 raise ContextError(CONFLICT)
             plan = self.method.plan(self._binding, step)
             self._set_coefficients(plan)
@@ -393,7 +468,7 @@ class ModulationContext:
             self._hooks.release()
             if exc_type is not None:
                 return
-            if not missed and not scaled:
+            if not missed and not scaled and self._update is None:
                 raise StepError(
                     "no modulated gradient passed through the block: call loss.backward() "
                     "inside `with ctx(...)`, with a loss that reaches the encoders"
@@ -417,6 +492,8 @@ class ModulationContext:
             )
             if plan.commit is not None:
                 plan.commit()
+            if self._update is not None:
+                self._update.record(self._coeffs, self._boundary)
         finally:
             self._lock.release()
 
@@ -426,7 +503,7 @@ class ModulationContext:
         if device == self._coeffs.device:
             return
         self._coeffs = torch.ones(len(self.names), device=device, dtype=coef_dtype(device))
-        self._hooks = HookSet(self._coeffs)
+        self._hooks = HookSet(self._hook_coefficients())
         self._binding = dataclasses.replace(self._binding, device=device)
 
     def _set_coefficients(self, plan: StepPlan) -> None:
@@ -440,8 +517,17 @@ class ModulationContext:
         # Defensive: a non-finite coefficient never reaches a gradient (1 = untouched).
         self._coeffs.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
 
+    def _hook_coefficients(self) -> Tensor:
+        """What the hooks multiply by: the coefficients, or ones at the update level (where a
+        gradient transform, OGM-GE's noise, still runs but the coefficient acts on the step)."""
+        if self._update is None:
+            return self._coeffs
+        return torch.ones_like(self._coeffs)
+
     def _hooks_features(self) -> bool:
         m = self.method
+        if self.act == "update":
+            return m.injects_into_features
         return self.mode == "feature" or m.level == "responses" or m.injects_into_features
 
     def _check_step(
@@ -486,11 +572,27 @@ class ModulationContext:
         self, features: Mapping[str, Tensor], plan: StepPlan, loss_scale: Tensor | None
     ) -> None:
         hooks = self._hooks
-        scaled = {id(t) for t in features.values()}
-        hooks.claim([p for p in self._claim if p.requires_grad and id(p) not in scaled])
+        on_params = self.method.level == "encoders" and self.mode == "parameter"
+        if self._update is not None:  # the coefficients act on the step, not here
+            on_params = on_params and plan.transform is not None
+        if not on_params:
+            scaled = {id(t) for t in features.values()}
+            heads = [ps[0] for ps in self._binding.groups.values() if ps]
+            hooks.claim([p for p in heads if p.requires_grad and id(p) not in scaled])
         # Injections first: a coefficient that scales the same tensor scales them too.
         hooks.inject(plan.inject, loss_scale, self._weight)
-        if self.method.level == "responses" or self.mode == "feature":
+        if self._update is not None:
+            if plan.transform is not None and on_params:
+                hooks.scale(
+                    {m: list(self._targets.encoders.get(n, ())) for m, n in enumerate(self.names)},
+                    plan.transform,
+                )
+            elif plan.transform is not None:
+                raise RuntimeError(
+                    f"{type(self.method).__name__} transforms parameter gradients, which needs "
+                    "mode='parameter'"
+                )
+        elif self.method.level == "responses" or self.mode == "feature":
             if plan.transform is not None:
                 raise RuntimeError(
                     f"{type(self.method).__name__} transforms parameter gradients, which needs "

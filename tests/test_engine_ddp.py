@@ -227,6 +227,40 @@ def _run_ogm(rank: int) -> dict:
     return rec
 
 
+def _run_update(rank: int) -> list[dict]:
+    """MLB at the update level (heads outside DDP), Adam over one mixed param group."""
+    model, heads = build_linear()
+    ddp = DDP(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    head_opt = torch.optim.Adam([p for h in heads.values() for p in h.parameters()], lr=1e-2)
+    ctx = gradmod.ModulationContext(
+        ddp,
+        heads,
+        encoders={n: f"enc.{n}" for n in NAMES},
+        method=gradmod.MLB(alpha=0.8),
+        act="update",
+        optimizer=opt,
+    )
+    out = []
+    n_total = sum(SIZES)
+    for step in range(STEPS):
+        xs, y = global_batch(step)
+        sl = rank_slice(rank)
+        xs, y = {k: v[sl] for k, v in xs.items()}, y[sl]
+        logits, feats = ddp(xs)
+        loss = F.cross_entropy(logits, y, reduction="sum") * (WORLD / n_total)
+        with ctx(features=feats, targets=y):
+            loss.backward()
+        out.append({"coefficients": ctx.coefficients, "grads": grads_of(model)})
+        opt.step()
+        head_opt.step()
+        opt.zero_grad()
+        head_opt.zero_grad()
+        out[-1]["after"] = snapshot(model)
+    out.append({"init": snapshot(build_linear()[0])})
+    return out
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     warnings.simplefilter("error")  # as pyproject's filterwarnings for the test process
     torch.set_num_threads(1)
@@ -243,6 +277,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "refused": _refuses_classifiers_inside_ddp(),
             "mlb": _run_mlb(rank),
             "ogm": _run_ogm(rank),
+            "update": _run_update(rank),
         }
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -463,3 +498,26 @@ def test_ddp_ogm_ge_noise_is_identical_across_ranks(ranks: list[dict]) -> None:
             assert float(noise.std()) == pytest.approx(sigma, rel=0.06), pn
             checked += 1
     assert checked == 4
+
+
+def test_ddp_update_level_ranks_identical_and_steps_scaled(ranks: list[dict]) -> None:
+    """Same coefficients on every rank, so the same scaled update: ranks stay bit-identical.
+    Each step equals Adam on the (DDP-averaged) gradients with modality m's lr times k_m."""
+    r0, r1 = ranks[0]["update"], ranks[1]["update"]
+    model = LinearFusion()
+    model.load_state_dict(r0[-1]["init"])
+    groups = [{"params": list(model.enc[n].parameters())} for n in NAMES]
+    ref = torch.optim.Adam([*groups, {"params": list(model.head.parameters())}], lr=1e-2)
+    for step in range(STEPS):
+        a, b = r0[step], r1[step]
+        assert torch.equal(a["coefficients"], b["coefficients"])
+        for k in a["after"]:
+            assert torch.equal(a["after"][k], b["after"][k]), (step, k)
+        for name, p in model.named_parameters():
+            p.grad = a["grads"][name].clone()
+        for m, k in enumerate(a["coefficients"].tolist()):
+            ref.param_groups[m]["lr"] = 1e-2 * k
+        ref.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), a["after"][name], rtol=1e-5, atol=1e-7)
+    assert len({round(x, 6) for x in r0[0]["coefficients"].tolist()}) > 1

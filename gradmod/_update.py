@@ -1,0 +1,258 @@
+"""The update level: each modality's coefficient scales its parameter *update* in the next
+``optimizer.step()``, where an adaptive optimizer cannot undo it.
+
+``k_m`` scales modality ``m``'s update exactly as if that step ran with the learning rate of
+modality ``m``'s parameters multiplied by ``k_m``:
+
+* **fast path** — a param group that holds parameters of one modality only: its ``lr`` is
+  multiplied by ``k_m`` for the step and restored afterwards (no copy; exact for any optimizer,
+  since it *is* the reference);
+* **general path** — a param group that mixes modalities, or a modality with other parameters:
+  the modulated parameters are copied before the step and moved back by a ``foreach`` lerp after
+  it, ``θ ← θ⁰ + k (θ¹ - θ⁰)``. Exact for optimizers whose update is proportional to the
+  learning rate (SGD with momentum, Adam, AdamW with its decoupled weight decay, RMSprop, ...);
+  other optimizers are refused for mixed groups.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, optim
+
+from ._errors import ConfigurationError
+
+__all__ = ["UpdateLevel", "check_optimizer"]
+
+#: Optimizers whose update is proportional to the learning rate (with their defaults' other
+#: hyperparameters), so that a lerp of the step equals the step with a scaled learning rate.
+_PROPORTIONAL: tuple[type[optim.Optimizer], ...] = (
+    optim.SGD,
+    optim.Adam,
+    optim.AdamW,
+    optim.Adamax,
+    optim.NAdam,
+    optim.RAdam,
+    optim.RMSprop,
+    optim.Adagrad,
+    optim.Adadelta,
+    optim.SparseAdam,
+)
+#: Optimizers where scaling the learning rate of one step does not scale that step's update.
+_REFUSED: dict[type[optim.Optimizer], str] = {
+    optim.LBFGS: "LBFGS takes several closure evaluations and a line search per step",
+    optim.Rprop: "Rprop's learning rate only sets the initial step size, which it then adapts",
+}
+
+
+def _proportional(opt: optim.Optimizer, group: Mapping[str, Any]) -> bool:
+    if isinstance(opt, optim.Adagrad) and group.get("lr_decay", 0) != 0:
+        return False  # its effective rate lr / (1 + (t - 1) lr_decay) is not linear in lr
+    return isinstance(opt, _PROPORTIONAL)
+
+
+def check_optimizer(
+    opt: object, modality: Sequence[Sequence[Tensor]], names: Sequence[str]
+) -> list[str]:
+    """Problems with ``opt`` as the optimizer of the update level over these tensors."""
+    if not isinstance(opt, optim.Optimizer):
+        return [
+            "act='update' needs optimizer= the torch.optim.Optimizer that steps the encoders; "
+            f"got {type(opt).__name__}"
+        ]
+    for cls, why in _REFUSED.items():
+        if isinstance(opt, cls):
+            return [
+                f"act='update' scales one step's learning rate, which {type(opt).__name__} does "
+                f"not turn into a scaled update ({why}): use act='gradient'"
+            ]
+    problems: list[str] = []
+    for hook in list(opt._optimizer_step_pre_hooks.values()):
+        if isinstance(hook, _PreHook) and hook.owner() is not None:
+            problems.append(
+                "another ModulationContext already scales this optimizer's updates: one context "
+                "per optimizer (close() the other first)"
+            )
+            break
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    for name, ts in zip(names, modality, strict=True):
+        missing = sum(1 for t in ts if id(t) not in in_opt)
+        if missing:
+            problems.append(
+                f"{missing} parameter(s) of encoders[{name!r}] are not in the optimizer: their "
+                "updates could not be scaled; give the optimizer every encoder parameter"
+            )
+    return problems
+
+
+class _PreHook:
+    """The optimizer step pre-hook; holds its update level weakly (the optimizer keeps hooks)."""
+
+    def __init__(self, owner: UpdateLevel) -> None:
+        self.owner = weakref.ref(owner)
+
+    def __call__(self, opt: optim.Optimizer, args: Any, kwargs: Any) -> None:
+        level = self.owner()
+        if level is not None:
+            level.before_step()
+
+
+class _PostHook(_PreHook):
+    def __call__(self, opt: optim.Optimizer, args: Any, kwargs: Any) -> None:
+        level = self.owner()
+        if level is not None:
+            level.after_step()
+
+
+class UpdateLevel:
+    """Scales each modality's update in ``optimizer.step()`` by the coefficient of its window.
+
+    The window is the blocks since the last optimizer step (or since a ``boundary`` block that
+    no step followed: a step a ``GradScaler`` skipped applies nothing); its coefficient is the
+    mean of the window's blocks' coefficients.
+    """
+
+    def __init__(
+        self,
+        opt: optim.Optimizer,
+        modality: Sequence[Sequence[Tensor]],
+        names: Sequence[str],
+    ) -> None:
+        problems = check_optimizer(opt, modality, names)
+        if problems:
+            raise ConfigurationError(problems)
+        self.optimizer = opt
+        self._modality = [list(ts) for ts in modality]
+        self._index = {id(t): m for m, ts in enumerate(self._modality) for t in ts}
+        self._names = list(names)
+        self._layout: tuple[tuple[int, int], ...] | None = None
+        self._fast: list[tuple[dict[str, Any], int]] = []
+        self._mixed: list[list[Tensor]] = [[] for _ in self._modality]
+        self._check_layout()
+        # the window (state_dict: ``sum``, ``count``, ``complete``)
+        self.sum: Tensor | None = None
+        self.count = 0
+        self.complete = False
+        # one step in flight
+        self._restore: list[tuple[dict[str, Any], Any]] = []
+        self._snapshots: list[tuple[list[Tensor], list[Tensor], Tensor]] = []
+        pre = opt.register_step_pre_hook(_PreHook(self))
+        post = opt.register_step_post_hook(_PostHook(self))
+        self._handles = [pre, post]
+        self._finalizer = weakref.finalize(self, _remove, pre, post)
+
+    # --------------------------------------------------------------------------- layout
+    def _check_layout(self) -> None:
+        """Classify the optimizer's param groups (again when they changed)."""
+        opt = self.optimizer
+        layout = tuple((id(g), len(g["params"])) for g in opt.param_groups)
+        if layout == self._layout:
+            return
+        fast: list[tuple[dict[str, Any], int]] = []
+        mixed: list[list[Tensor]] = [[] for _ in self._modality]
+        problems: list[str] = []
+        for g in opt.param_groups:
+            owners = {self._index.get(id(p)) for p in g["params"]}
+            mods = owners - {None}
+            if not mods:
+                continue
+            if len(owners) == 1:
+                (m,) = mods
+                fast.append((g, m))  # type: ignore[arg-type]
+                continue
+            if not _proportional(opt, g):
+                problems.append(
+                    f"a param group mixes parameters of {sorted(self._names[m] for m in mods)} "  # type: ignore[index]
+                    f"with others, and {type(opt).__name__}'s update is not proportional to "
+                    "its learning rate: give each modality's encoder a param group of its own "
+                    "(its learning rate is then scaled for the step, exact for any optimizer)"
+                )
+                continue
+            for p in g["params"]:
+                m = self._index.get(id(p))
+                if m is not None:
+                    mixed[m].append(p)
+        if problems:
+            raise ConfigurationError(problems)
+        self._layout, self._fast, self._mixed = layout, fast, mixed
+
+    # --------------------------------------------------------------------------- window
+    def record(self, coefficients: Tensor, boundary: bool) -> None:
+        """Add one clean block's coefficients to the window."""
+        k = coefficients.detach()
+        if self.complete or self.sum is None or self.count == 0:
+            self.sum = torch.zeros_like(k)
+            self.count = 0
+        self.sum = self.sum.to(k) + k
+        self.count += 1
+        self.complete = bool(boundary)
+
+    def pending(self) -> Tensor | None:
+        """The coefficient the next optimizer step applies (``None``: no block since the last)."""
+        if self.sum is None or self.count == 0:
+            return None
+        return self.sum / self.count
+
+    # ----------------------------------------------------------------------------- step
+    def before_step(self) -> None:
+        self.restore()  # a previous step that raised left its scaling behind
+        k = self.pending()
+        self.sum, self.count, self.complete = None, 0, False
+        if k is None:
+            return
+        self._check_layout()
+        values = k.tolist() if self._fast else []  # one host sync, for the fast path only
+        for g, m in self._fast:
+            lr = g["lr"]
+            self._restore.append((g, lr))
+            g["lr"] = lr * values[m]  # a tensor lr stays a tensor
+        for m, ps in enumerate(self._mixed):
+            by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+            for p in ps:
+                by_kind.setdefault((p.dtype, p.device), []).append(p)
+            for (dtype, device), same in by_kind.items():
+                with torch.no_grad():
+                    snap = [p.detach().clone() for p in same]
+                self._snapshots.append((same, snap, (1.0 - k[m]).to(device, dtype)))
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            for ps, snap, w in self._snapshots:
+                # θ¹ + (1 - k)(θ⁰ - θ¹) = θ⁰ + k (θ¹ - θ⁰), without a host sync
+                torch._foreach_lerp_(ps, snap, [w] * len(ps))
+        self._snapshots.clear()
+        self.restore()
+
+    def restore(self) -> None:
+        """Put back every learning rate scaled for a step (no drift, also after a failed step)."""
+        for g, lr in self._restore:
+            g["lr"] = lr
+        self._restore.clear()
+        self._snapshots.clear()
+
+    def close(self) -> None:
+        """Remove the optimizer hooks (idempotent)."""
+        self.restore()
+        self._finalizer()
+
+    # ---------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sum": None if self.sum is None else self.sum.clone(),
+            "count": self.count,
+            "complete": self.complete,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        s = state.get("sum")
+        self.sum = None if s is None else torch.as_tensor(s).clone()
+        self.count = int(state.get("count", 0))
+        self.complete = bool(state.get("complete", False))
+
+
+def _remove(*handles: Any) -> None:
+    for h in handles:
+        h.remove()

@@ -8,7 +8,7 @@ from typing import Any
 
 from .stats import GAP_MIN, gap_closed, mean_sd, paired
 
-__all__ = ["group", "method_order", "summary_markdown", "table"]
+__all__ = ["compact_tables", "group", "method_order", "summary_markdown", "table"]
 
 Record = dict[str, Any]
 
@@ -186,6 +186,51 @@ accuracy of the argmax of modality m's share of the linear fused head's logits
 (h_m W_m^T + b / M). `train s`: mean wall time of one training run."""
 
 
+def compact_tables(records: Sequence[Record]) -> str:
+    """Per optimizer: methods x settings, each cell the fused test accuracy (mean over seeds)
+    with its paired difference to joint training and the t statistic (the README's tables)."""
+    groups = group(records)
+    settings = list(dict.fromkeys(s for s, _ in groups))
+    optimizers = list(dict.fromkeys(o for _, o in groups))
+    parts = []
+    for opt in optimizers:
+        methods: list[str] = []
+        for s in settings:
+            for m in method_order(groups.get((s, opt), {})):
+                if not m.startswith("alone:") and m not in methods:
+                    methods.append(m)
+        rows = []
+        for m in methods:
+            cells = [m]
+            for s in settings:
+                ms = groups.get((s, opt), {})
+                rs, joint = ms.get(m, []), ms.get("joint", [])
+                if not rs:
+                    cells.append("-")
+                    continue
+                acc = f"{100 * _mean(rs):.1f}"
+                if m == "joint" or not joint:
+                    cells.append(acc)
+                    continue
+                by_seed = {r["seed"]: r for r in joint}
+                pairs = [(by_seed[r["seed"]], r) for r in rs if r["seed"] in by_seed]
+                p = paired(
+                    [100 * float(a["fused_acc"]) for a, _ in pairs],
+                    [100 * float(b["fused_acc"]) for _, b in pairs],
+                )
+                t = "" if math.isnan(p.t) else f", t={p.t:+.1f}"
+                cells.append(f"{acc} ({p.mean:+.1f}{t})")
+            rows.append(cells)
+        parts += [
+            f"**{opt.upper()}**: fused test accuracy %, mean over seeds (paired difference to "
+            "joint, t)",
+            "",
+            table(["method", *settings], rows),
+            "",
+        ]
+    return "\n".join(parts)
+
+
 def summary_markdown(records: Sequence[Record], preamble: str = "") -> str:
     """The whole ``summary.md``: overview of fused accuracies, then one section per setting."""
     groups = group(records)
@@ -193,6 +238,7 @@ def summary_markdown(records: Sequence[Record], preamble: str = "") -> str:
     if preamble:
         parts += [preamble, ""]
     parts += [LEGEND, "", "## Fused test accuracy (%), overview", "", _overview(groups), ""]
+    parts += ["## Paired with joint training, per optimizer", "", compact_tables(records)]
     parts += ["## Per setting and optimizer", ""]
     for (setting, optimizer), methods in groups.items():
         parts += [_section(setting, optimizer, methods), ""]

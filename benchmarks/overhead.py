@@ -20,6 +20,11 @@ Variants:
 * ``official-style loop``: what the seed repositories do after ``backward()``: scan
   ``model.named_parameters()``, match modalities by substring of the name and do
   ``param.grad *= coeff`` (a Python float) per parameter.
+* ``update level, fast path``: ``ModulationContext(act="update")`` with one Adam param group per
+  modality: each group's learning rate is scaled for the step and restored (no copy).
+* ``update level, general path``: the same with ONE param group for the whole model: the
+  encoders' parameters are copied before each step and moved back by a ``foreach`` lerp after
+  it (its extra memory, one copy of the modulated parameters, is printed under the table).
 * ``CGGM full``: ``gradmod.CGGM`` with unimodal classifiers and the direction loss: the METHOD's
   cost (M extra classifier forwards/backwards and the direction-loss gradient), not the engine's.
 * ``OGM-GE full``: ``gradmod.OGMGE`` (parameter mode): unimodal logits from the linear head's
@@ -31,7 +36,7 @@ Variants:
 * ``AGM, official input masking``: the same, but masking INPUTS and running the whole model
   2^M - 1 times, as the official code does: what AGM costs when used as published.
 
-The two gradmod engine rows use :class:`FixedCoefficients`, a method whose per-step work matches
+The gradmod engine rows (both modes and both update paths) use :class:`FixedCoefficients`, a method whose per-step work matches
 the official loop (the same cheaply varying coefficients, precomputed as ``[M]`` tensors, no
 classifiers), so they measure the hook engine alone against the official loop.
 
@@ -72,6 +77,8 @@ CONTROL = "plain, 2nd copy (A/A noise control)"
 PARAM = "gradmod parameter mode"
 FEATURE = "gradmod feature mode"
 OFFICIAL = "official-style loop (named_parameters + substring, grad *= float)"
+UPDATE_FAST = "gradmod update level, fast path (a param group per modality: lr scaled)"
+UPDATE_GENERAL = "gradmod update level, general path (one param group: copy + foreach lerp)"
 CGGM_FULL = "CGGM full (METHOD cost: +3 MLP classifiers, direction loss; parameter mode)"
 OGM_FULL = "OGM-GE full (METHOD cost: logits off the head, GE noise on every tensor)"
 MLB_FULL = "MLB full (METHOD cost: +3 linear heads on the live features; feature mode)"
@@ -83,6 +90,8 @@ VARIANTS = (
     PARAM,
     FEATURE,
     OFFICIAL,
+    UPDATE_FAST,
+    UPDATE_GENERAL,
     CGGM_FULL,
     OGM_FULL,
     MLB_FULL,
@@ -285,6 +294,8 @@ def make_variants(base: MultiModalNet, device: torch.device) -> list[Variant]:
         Variant(PARAM, method_step(fresh(), FixedCoefficients(), mode="parameter")),
         Variant(FEATURE, method_step(fresh(), FixedCoefficients(), mode="feature")),
         Variant(OFFICIAL, official),
+        Variant(UPDATE_FAST, method_step(fresh(), FixedCoefficients(), update="fast")),
+        Variant(UPDATE_GENERAL, method_step(fresh(), FixedCoefficients(), update="general")),
         Variant(
             CGGM_FULL,
             method_step(m_cggm, gradmod.CGGM(rho=1.3, lam=0.2), heads=classifiers, fusion="head"),
@@ -311,12 +322,30 @@ def method_step(
     heads: dict[str, nn.Module] | None = None,
     fusion: str | None = None,
     mode: gradmod.Mode | None = None,
+    update: str | None = None,
 ) -> Callable[[Batch], None]:
-    """A training step of ``method`` with its own optimizer (heads included)."""
-    ctx = gradmod.ModulationContext(
-        model, heads, encoders=PATHS, method=method, fusion=fusion, mode=mode
-    )
-    opt = torch.optim.Adam([*model.parameters(), *ctx.classifier_parameters()], lr=1e-4)
+    """A training step of ``method`` with its own optimizer (heads included).
+
+    ``update``: ``None`` (gradient level), ``"fast"`` (update level, one param group per
+    modality) or ``"general"`` (update level, one param group for the whole model).
+    """
+    if update is None:
+        ctx = gradmod.ModulationContext(
+            model, heads, encoders=PATHS, method=method, fusion=fusion, mode=mode
+        )
+        opt = torch.optim.Adam([*model.parameters(), *ctx.classifier_parameters()], lr=1e-4)
+    else:
+        if update == "fast":
+            encs = [model.get_submodule(p) for p in PATHS.values()]
+            ids = {id(q) for e in encs for q in e.parameters()}
+            rest = [q for q in model.parameters() if id(q) not in ids]
+            groups = [{"params": list(e.parameters())} for e in encs] + [{"params": rest}]
+        else:
+            groups = [{"params": list(model.parameters())}]
+        opt = torch.optim.Adam(groups, lr=1e-4)
+        ctx = gradmod.ModulationContext(
+            model, heads, encoders=PATHS, method=method, act="update", optimizer=opt
+        )
 
     def step(batch: Batch) -> None:
         xs, y = batch
@@ -443,6 +472,19 @@ def run_model(
         ci = median_ci(ratios)
         rows.append(Row(v.name, statistics.median(v.times) * 1e3, med, q1, q3, ci))
     return rows, n_params, elapsed
+
+
+def copy_line(spec: ModelSpec) -> str:
+    """The update level's extra memory: none on the fast path, one copy of the encoders'
+    parameters (the modulated tensors) on the general path, held during ``optimizer.step()``."""
+    torch.manual_seed(0)
+    model = spec.build()
+    params = [p for path in PATHS.values() for p in model.get_submodule(path).parameters()]
+    mib = sum(p.numel() * p.element_size() for p in params) / 2**20
+    return (
+        "update level, extra memory: fast path none; general path one copy of the modulated "
+        f"parameters during the step, {len(params)} tensors, {mib:.2f} MiB"
+    )
 
 
 def markdown(rows: Sequence[Row]) -> str:
@@ -584,6 +626,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Row]]:
             print(markdown(rows))
             print()
             print(ci_line(rows))
+            print(copy_line(spec))
         print()
         print(f"total wall time {time.perf_counter() - t_all:.1f} s")
     finally:

@@ -49,7 +49,9 @@ def extra_variant() -> Iterator[str]:
     """A composition registered the way a new method is: multi-loss objective + CGGM (lam=0)."""
 
     @methods.register(EXTRA, aux_loss=True, rho=1.3, lam=0.0)
-    def _factory(parts: models.Parts, config: methods.Config) -> gradmod.ModulationContext:
+    def _factory(
+        parts: models.Parts, config: methods.Config, opt: torch.optim.Optimizer
+    ) -> gradmod.ModulationContext:
         return gradmod.ModulationContext(
             parts.model,
             dict(parts.classifiers),
@@ -71,7 +73,7 @@ def _finite(x: Any) -> bool:
 def test_tiny_run_writes_records_summary_and_plots(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], extra_variant: str
 ) -> None:
-    variants = ["joint", "multiloss", "cggm", extra_variant]
+    variants = ["joint", "multiloss", "cggm", "balanced", "balanced@update", extra_variant]
     argv = [*SMOKE, "--settings", "synthetic,pix+fou+zer", "--methods", ",".join(variants)]
     records = balance.main([*argv, "--workers", "1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
@@ -97,7 +99,7 @@ def test_tiny_run_writes_records_summary_and_plots(
             assert sorted(r["probe_acc"]) == sorted(probed)
             assert all(_finite(v) for v in r["probe_acc"].values())
         assert (r["share_acc"] is not None) == fused
-        modulated = r["method"] in ("cggm", extra_variant)
+        modulated = r["method"] in ("cggm", "balanced", "balanced@update", extra_variant)
         assert (r["coefficients"] is not None) == modulated
         if modulated:
             for c in r["coefficients"].values():
@@ -110,6 +112,16 @@ def test_tiny_run_writes_records_summary_and_plots(
         for name in ["alone", *names]:
             assert f"| {name} " in summary, name
     assert "gap closed" in summary and "(t=" in summary
+    # the update form is paired with its gradient form (a number, not "-", in that column)
+    lines = summary.splitlines()
+    head = next(ln for ln in lines if ln.startswith("| method ") and "gradient form" in ln).split(
+        "|"
+    )
+    col = [c.strip() for c in head].index("vs gradient form (pts, t)")
+    rows = [ln.split("|") for ln in summary.splitlines() if ln.startswith("| balanced@update ")]
+    fused = [r for r in rows if len(r) == len(head)]
+    assert fused and all("(t=" in r[col] for r in fused), fused
+    assert "vs gradient form" in summary and "## Paired with joint training" in summary
 
     traces = json.loads((tmp_path / "traces.json").read_text())
     assert {t["seed"] for t in traces} == {0}  # only the traced seed

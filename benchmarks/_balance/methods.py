@@ -5,22 +5,25 @@ A variant trains the late-fusion model (:class:`~.models.FusedNet`) with
 * ``aux_loss``: ``False`` = plain cross-entropy on the fused logits; ``True`` = the multi-loss
   objective ``CE(fused) + sum_m CE(head_m(h_m))`` with the unimodal linear heads on the LIVE
   encoder outputs (the heads join the optimizer);
-* ``context``: ``None`` (no modulation) or a factory ``(parts, config) -> ModulationContext``,
-  entered around every ``loss.backward()`` as ``with ctx(features=feats, targets=y)``. Whatever
-  ``ctx.classifier_parameters()`` returns that the optimizer does not already train is added to
-  it at ``classifier_lr_ratio`` times the model's learning rate; ``ctx.coefficients`` is
-  recorded every step.
+* ``context``: ``None`` (no modulation) or a factory
+  ``(parts, config, optimizer) -> ModulationContext``, entered around every ``loss.backward()``
+  as ``with ctx(features=feats, targets=y)``. The optimizer already holds the trained network
+  (one param group); whatever ``ctx.classifier_parameters()`` returns that it does not train is
+  added to it afterwards at ``classifier_lr_ratio`` times the model's learning rate;
+  ``ctx.coefficients`` is recorded every step. ``config["act"] == "update"`` (the ``@update``
+  variants, :func:`at_update`) puts the coefficients on the encoders' updates.
 
 Adding a method is one decorated factory::
 
     @register("mlb:alpha=1", heads="linear", alpha=1.0)
-    def _mlb(parts: Parts, config: Config) -> gradmod.ModulationContext:
+    def _mlb(parts: Parts, config: Config, opt: Optimizer) -> gradmod.ModulationContext:
         return gradmod.ModulationContext(
             parts.model,
             dict(parts.heads),  # the live unimodal heads; gradmod adds their loss
             encoders=parts.encoder_paths(),
             method=gradmod.MLB(alpha=config["alpha"]),
             fusion="head",
+            **level(config, opt),  # act= and optimizer= of the @update variants
         )
 
 The grids are declared here, before anything runs (:data:`CGGM_GRID`, :data:`OGM_GRID`,
@@ -30,8 +33,10 @@ The grids are declared here, before anything runs (:data:`CGGM_GRID`, :data:`OGM
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from torch.optim import Optimizer
 
 import gradmod
 
@@ -46,11 +51,14 @@ __all__ = [
     "Config",
     "ContextFactory",
     "Variant",
+    "at_update",
+    "gradient_form",
+    "level",
     "register",
 ]
 
 Config = dict[str, Any]
-ContextFactory = Callable[[Parts, Config], gradmod.ModulationContext]
+ContextFactory = Callable[[Parts, Config, Optimizer], gradmod.ModulationContext]
 
 #: Runs that are not registry variants: each modality alone, and the probability ensemble of
 #: the ``alone`` models (no training). Always run: the ensemble and the probe gaps need them.
@@ -104,6 +112,30 @@ def register(
     return add
 
 
+def level(config: Config, opt: Optimizer) -> dict[str, Any]:
+    """The context's ``act=`` (and ``optimizer=`` at the update level) for ``config``."""
+    if config.get("act", "gradient") == "update":
+        return {"act": "update", "optimizer": opt}
+    return {}
+
+
+#: Suffix of the update-level form of a variant.
+UPDATE = "@update"
+
+
+def at_update(name: str, *, grid: bool = True) -> None:
+    """Register ``<name>@update``: variant ``name`` with its coefficients on the updates."""
+    base = VARIANTS[name]
+    new = name + UPDATE
+    _check_name(new)
+    VARIANTS[new] = replace(base, name=new, config={**base.config, "act": "update"}, grid=grid)
+
+
+def gradient_form(name: str) -> str | None:
+    """``name`` without ``@update`` (its gradient-level form), or ``None``."""
+    return name[: -len(UPDATE)] if name.endswith(UPDATE) else None
+
+
 def _plain(name: str, *, aux_loss: bool) -> None:
     _check_name(name)
     VARIANTS[name] = Variant(name, aux_loss)
@@ -115,7 +147,7 @@ _plain("multiloss", aux_loss=True)  # + sum_m CE(head_m(h_m)), heads on the live
 
 
 # ------------------------------------------------------------------------------ gradmod.CGGM
-def cggm(parts: Parts, config: Config) -> gradmod.ModulationContext:
+def cggm(parts: Parts, config: Config, opt: Optimizer) -> gradmod.ModulationContext:
     """gradmod's CGGM; classifiers = the MLPs on detached features, direction loss on the head."""
     return gradmod.ModulationContext(
         parts.model,
@@ -123,6 +155,7 @@ def cggm(parts: Parts, config: Config) -> gradmod.ModulationContext:
         encoders=parts.encoder_paths(),
         method=gradmod.CGGM(rho=config["rho"], lam=config["lam"]),
         fusion="head",
+        **level(config, opt),
     )
 
 
@@ -135,13 +168,14 @@ for _rho, _lam in CGGM_GRID:
 
 
 # ------------------------------------------------------------------------- gradmod.OGMGE
-def ogm_ge(parts: Parts, config: Config) -> gradmod.ModulationContext:
+def ogm_ge(parts: Parts, config: Config, opt: Optimizer) -> gradmod.ModulationContext:
     """Unimodal logits read off the linear fused head; GE noise; the first half of training."""
     return gradmod.ModulationContext(
         parts.model,
         encoders=parts.encoder_paths(),
         method=gradmod.OGMGE(alpha=config["alpha"], window=config["window"], seed=0),
         fusion="head",
+        **level(config, opt),
     )
 
 
@@ -154,7 +188,7 @@ for _alpha in OGM_GRID:
 
 
 # ---------------------------------------------------------------------------- gradmod.AGM
-def agm(parts: Parts, config: Config) -> gradmod.ModulationContext:
+def agm(parts: Parts, config: Config, opt: Optimizer) -> gradmod.ModulationContext:
     """AGM on the Shapley responses of the fused head (features of absent modalities zeroed)."""
     return gradmod.ModulationContext(
         parts.model, encoders=parts.encoder_paths(), method=gradmod.AGM(alpha=config["alpha"])
@@ -168,7 +202,7 @@ for _alpha in AGM_GRID:
 
 
 # --------------------------------------------------------------- gradmod.MultiLoss and MLB
-def gradmod_multiloss(parts: Parts, config: Config) -> gradmod.ModulationContext:
+def gradmod_multiloss(parts: Parts, config: Config, opt: Optimizer) -> gradmod.ModulationContext:
     """gradmod's multi-loss: the heads' loss gradients injected into the live features."""
     heads = parts.classifiers if config.get("mlp_heads") else parts.heads
     direction = config.get("direction", 0.0)
@@ -179,7 +213,12 @@ def gradmod_multiloss(parts: Parts, config: Config) -> gradmod.ModulationContext
     else:
         method = gradmod.MultiLoss(direction=direction)
     return gradmod.ModulationContext(
-        parts.model, dict(heads), encoders=parts.encoder_paths(), method=method, fusion="head"
+        parts.model,
+        dict(heads),
+        encoders=parts.encoder_paths(),
+        method=method,
+        fusion="head",
+        **level(config, opt),
     )
 
 
@@ -190,10 +229,14 @@ register("mlb", heads="linear", alpha=0.8, scale="official")(gradmod_multiloss)
 
 
 @register("balanced", heads="linear", recommended="gradmod.balanced()")
-def _balanced(parts: Parts, config: Config) -> gradmod.ModulationContext:
+def _balanced(parts: Parts, config: Config, opt: Optimizer) -> gradmod.ModulationContext:
     """gradmod's recommended configuration (MLB, alpha 0.8, encoder scaling), by its name."""
     return gradmod.ModulationContext(
-        parts.model, dict(parts.heads), encoders=parts.encoder_paths(), method=gradmod.balanced()
+        parts.model,
+        dict(parts.heads),
+        encoders=parts.encoder_paths(),
+        method=gradmod.balanced(),
+        **level(config, opt),
     )
 
 
@@ -204,3 +247,12 @@ register("multiloss+direction", heads="mlp", mlp_heads=True, direction=0.2)(grad
 register("mlb+direction", heads="mlp", mlp_heads=True, alpha=0.8, scale="official", direction=0.2)(
     gradmod_multiloss
 )
+
+
+# ------------------------------------------------------------------------- the update level
+# Each coefficient method's update form (AGM has none: its coefficients scale responses that
+# reach the fused head too; MLB's official scaling of a fused-head column block neither). The
+# recommended configuration's is part of --quick; the others are grid points (full runs).
+at_update("balanced", grid=False)
+for _name in ("cggm", "ogm-ge", "ogm-ge:alpha=0.8"):
+    at_update(_name)

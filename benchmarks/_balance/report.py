@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from .methods import gradient_form
 from .stats import GAP_MIN, gap_closed, mean_sd, paired
 
 __all__ = ["compact_tables", "group", "method_order", "summary_markdown", "table"]
@@ -71,7 +72,8 @@ def _fused_table(methods: dict[str, list[Record]], names: Sequence[str]) -> str:
     joint, multi = methods.get("joint", []), methods.get("multiloss", [])
     ens = methods.get("ensemble", [])
     header = ["method", "fused test acc %", "vs joint (pts, t)", "vs multiloss (pts, t)"]
-    header += ["gap closed", *(f"share {m} %" for m in names), "train s"]
+    header += ["vs gradient form (pts, t)", "gap closed", *(f"share {m} %" for m in names)]
+    header += ["train s"]
     rows = []
     for method in method_order(methods):
         rs = methods[method]
@@ -87,6 +89,9 @@ def _fused_table(methods: dict[str, list[Record]], names: Sequence[str]) -> str:
                 _pct([r["fused_acc"] for r in rs]),
                 _diff(joint, rs, "fused_acc", None) if joint and method != "joint" else "-",
                 _diff(multi, rs, "fused_acc", None) if multi and method != "multiloss" else "-",
+                _diff(methods[base], rs, "fused_acc", None)
+                if (base := gradient_form(method)) is not None and base in methods
+                else "-",
                 "n/a" if math.isnan(closed) else f"{closed:+.2f}",
                 *shares,
                 f"{_mean(rs, 'wall_s'):.2f}",
@@ -177,8 +182,9 @@ def _overview(groups: dict[tuple[str, str], dict[str, list[Record]]]) -> str:
 
 
 LEGEND = f"""\
-Accuracies in %, mean ± sd over seeds. Differences (`vs joint`, `vs multiloss`, `vs alone`) are
-paired by seed (same split, initialisation and batch order): mean ± sd in points, and the paired
+Accuracies in %, mean ± sd over seeds. Differences (`vs joint`, `vs multiloss`, `vs alone`, and
+`vs gradient form`: an `@update` variant against the same method on the gradients) are paired by
+seed (same split, initialisation and batch order): mean ± sd in points, and the paired
 t statistic t = mean / (sd / sqrt(n)) (df = n - 1; |t| > 2.26 is p < 0.05 two-sided at n = 10).
 `gap closed` = (acc - joint) / (ensemble - joint) on the seed means, reported only where the
 ensemble beats joint training by at least {100 * GAP_MIN:g} point(s), else n/a. `share m`: test

@@ -247,34 +247,39 @@ def _val_accuracy(net: Net, split: Split) -> float:
     return acc
 
 
-def _optimizer(
-    net: Net, ctx: gradmod.ModulationContext | None, spec: OptimizerSpec, ratio: float
-) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
-    trained = list(net.parameters())
-    groups: list[dict[str, Any]] = [{"params": trained, "lr": spec.lr}]
-    if ctx is not None:
-        seen = {id(p) for p in trained}
-        extra = [p for p in ctx.classifier_parameters() if id(p) not in seen]
-        if extra:
-            groups.append({"params": extra, "lr": spec.lr * ratio})
-    return spec.build(groups), trained
+def _optimizer(net: Net, spec: OptimizerSpec) -> torch.optim.Optimizer:
+    """The run's optimizer over the trained network, one param group."""
+    return spec.build([{"params": list(net.parameters()), "lr": spec.lr}])
+
+
+def _add_classifiers(
+    opt: torch.optim.Optimizer, ctx: gradmod.ModulationContext | None, lr: float
+) -> None:
+    """The heads a context trains itself (CGGM's classifiers) join the optimizer at ``lr``."""
+    if ctx is None:
+        return
+    seen = {id(p) for g in opt.param_groups for p in g["params"]}
+    extra = [p for p in ctx.classifier_parameters() if id(p) not in seen]
+    if extra:
+        opt.add_param_group({"params": extra, "lr": lr})
 
 
 def train(
     net: Net,
     ctx: gradmod.ModulationContext | None,
+    opt: torch.optim.Optimizer,
     split: Split,
-    spec: OptimizerSpec,
     cfg: TrainConfig,
     seed: int,
     trace: bool,
     responses: bool = False,
 ) -> Trained:
-    """Train ``net`` (in place, best-validation weights loaded at the end)."""
+    """Train ``net`` (in place, best-validation weights loaded at the end) with ``opt``, whose
+    first param group holds ``net``'s parameters."""
     start = time.perf_counter()
     torch.manual_seed(seed)  # same global RNG stream for every run (stochastic methods)
     order = torch.Generator().manual_seed(seed)  # same mini-batch order for every run
-    opt, trained = _optimizer(net, ctx, spec, cfg.classifier_lr_ratio)
+    trained = list(net.parameters())
     tracer = Tracer(net, split, cfg.trace_every) if trace else None
     coeffs: list[Tensor] = []
     best_val, best_epoch, best_state = -1.0, 0, copy.deepcopy(net.state_dict())
@@ -301,6 +306,8 @@ def train(
             best_val, best_epoch, best_state = val, epoch, copy.deepcopy(net.state_dict())
     net.load_state_dict(best_state)
     net.eval()
+    if ctx is not None:
+        ctx.close()  # detach an update-level context from the optimizer
     return Trained(
         best_epoch,
         time.perf_counter() - start - (tracer.seconds if tracer is not None else 0.0),
@@ -378,9 +385,11 @@ def _run_variant(
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     parts = copy.deepcopy(parts)
     net = FusedNet(parts, variant.aux_loss, variant.heads)
-    ctx = variant.context(parts, variant.config) if variant.context is not None else None
     spec = OPTIMIZERS[job.optimizer]
-    tr = train(net, ctx, split, spec, job.config, job.seed, job.trace, variant.responses)
+    opt = _optimizer(net, spec)
+    ctx = variant.context(parts, variant.config, opt) if variant.context is not None else None
+    _add_classifiers(opt, ctx, spec.lr * job.config.classifier_lr_ratio)
+    tr = train(net, ctx, opt, split, job.config, job.seed, job.trace, variant.responses)
     ev = evaluate(net, split, job.config.probe_steps)
     config = {"aux_loss": variant.aux_loss, "heads": variant.heads, **variant.config}
     trace = _trace(job, variant.name, tr, parts.names) if job.trace else None
@@ -408,7 +417,8 @@ def run_job(job: Job) -> JobResult:
     probs: list[Tensor] = []
     for m in setting.modalities:
         net = AloneNet(parts, m)
-        tr = train(net, None, split, OPTIMIZERS[job.optimizer], cfg, job.seed, job.trace)
+        opt = _optimizer(net, OPTIMIZERS[job.optimizer])
+        tr = train(net, None, opt, split, cfg, job.seed, job.trace)
         ev = evaluate(net, split, cfg.probe_steps)
         probs.append(ev.test_probs)
         result.records.append(_record(job, f"alone:{m}", {}, ev, tr))

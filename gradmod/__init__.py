@@ -23,7 +23,9 @@ by a per-step coefficient chosen by a published method, inside your own training
   every problem at once, pre-accumulation hooks that exist only inside the ``with`` block,
   method state that advances only when the block exits cleanly.
 * Methods, switched with ``method=``: :class:`MLB`, :class:`MultiLoss`, :class:`CGGM`
-  (``official=True`` for parity with the authors' code), :class:`OGMGE`, :class:`AGM`.
+  (``official=True`` for parity with the authors' code), :class:`OGMGE`, :class:`AGM`, and
+  :class:`Fixed` (your own constants or schedule: with ``act="update"``, modality-specific
+  learning rates).
 * :mod:`gradmod.functional` — the pure math (coefficient rules, improvement-rate scaling,
   cosine direction loss, Shapley responses, metrics), usable on its own.
 * Errors: :class:`ConfigurationError` (at construction), :class:`StepError` (a step's
@@ -41,6 +43,7 @@ from .methods import (
     MLB,
     OGMGE,
     Binding,
+    Fixed,
     Injection,
     Method,
     MultiLoss,
@@ -55,6 +58,7 @@ __all__ = [
     "AGM",
     "Act",
     "CGGM",
+    "Fixed",
     "MLB",
     "OGMGE",
     "MultiLoss",

@@ -13,12 +13,14 @@ from ._base import (
     Targets,
 )
 from ._cggm import CGGM
+from ._fixed import Fixed
 from ._multiloss import MLB, MultiLoss
 from ._ogm import OGMGE
 
 __all__ = [
     "AGM",
     "CGGM",
+    "Fixed",
     "MLB",
     "OGMGE",
     "MultiLoss",

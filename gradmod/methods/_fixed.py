@@ -1,0 +1,128 @@
+"""Fixed coefficients: constants per modality, or a function of the step."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .._errors import ConfigurationError, StepError
+from ._base import Binding, Method, Step, StepPlan
+
+__all__ = ["Fixed"]
+
+Schedule = Callable[[int], Sequence[float] | Mapping[str, float] | Tensor]
+
+
+class Fixed(Method):
+    r"""Coefficients you choose: a constant per modality, or a function of the step.
+
+    With ``act="update"`` a constant per modality is a modality-specific learning rate
+    (``Fixed({"text": 0.02, "audio": 1.0})`` runs the text encoder at 2 % of the optimizer's
+    learning rate); with ``act="gradient"`` it scales the encoders' gradients. A schedule
+    ``fn(step) -> coefficients`` (``step`` counts the clean blocks from 0) gives warm-ups or any
+    rule of your own. Reads no features and no classifiers.
+
+    Args:
+        coefficients: one number per modality — a mapping ``{name: k}`` (every modality named),
+            a sequence in the context's modality order, or a callable of the step returning
+            either (or an ``[M]`` tensor). Every value must be finite and ``>= 0``; a schedule's
+            values are checked at every step (a ``StepError`` names the step).
+
+    State (``state_dict``): ``steps`` (the schedule's step counter).
+    """
+
+    uses_features = False
+    steps: Tensor
+
+    def __init__(self, coefficients: Mapping[str, float] | Sequence[float] | Schedule) -> None:
+        super().__init__()
+        self._fn: Schedule | None = None
+        self._values: Mapping[str, float] | Sequence[float] | None = None
+        if callable(coefficients):
+            self._fn = coefficients
+        else:
+            problems = _value_problems(coefficients)
+            if problems:
+                raise ConfigurationError(problems)
+            self._values = coefficients
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return "schedule" if self._fn is not None else f"coefficients={self._values!r}"
+
+    def reset(self) -> None:
+        self.steps.zero_()
+
+    def check(self, binding: Binding) -> list[str]:
+        if isinstance(self._values, Mapping):
+            missing = [n for n in binding.names if n not in self._values]
+            extra = [k for k in self._values if k not in binding.names]
+            if missing or extra:
+                return [
+                    f"Fixed: coefficients name {sorted(self._values)}, the modalities are "
+                    f"{list(binding.names)} (missing: {missing}, unknown: {extra})"
+                ]
+        elif self._values is not None and len(self._values) != len(binding.names):
+            return [
+                f"Fixed: {len(self._values)} coefficients for {len(binding.names)} modalities "
+                f"{list(binding.names)}"
+            ]
+        return []
+
+    def plan(self, binding: Binding, step: Step) -> StepPlan:
+        dtype = torch.float32 if binding.device.type == "mps" else torch.float64
+        step_index = int(self.steps)
+        values = self._fn(step_index) if self._fn is not None else self._values
+        assert values is not None
+        if isinstance(values, Tensor):
+            k = values.detach().to(binding.device, dtype).reshape(-1)
+            if k.shape != (len(binding.names),) or not bool((torch.isfinite(k) & (k >= 0)).all()):
+                raise StepError(
+                    f"Fixed: the schedule returned {tuple(values.shape)} values at step "
+                    f"{step_index}; expected {len(binding.names)} finite numbers >= 0"
+                )
+        else:
+            problems = _value_problems(values)
+            if isinstance(values, Mapping):
+                missing = [n for n in binding.names if n not in values]
+                if missing:
+                    problems.append(f"no coefficient for {missing}")
+                seq = [values.get(n, math.nan) for n in binding.names]
+            else:
+                seq = list(values)
+                if len(seq) != len(binding.names):
+                    problems.append(f"{len(seq)} values for {len(binding.names)} modalities")
+            if problems:
+                raise StepError(f"Fixed: at step {step_index}: " + "; ".join(problems))
+            k = torch.tensor(seq, device=binding.device, dtype=dtype)
+
+        def commit() -> None:
+            self.steps += 1
+
+        return StepPlan(k, commit=commit)
+
+
+def _value_problems(values: object) -> list[str]:
+    if isinstance(values, Mapping):
+        items: list[tuple[object, object]] = list(values.items())
+    elif isinstance(values, Tensor):
+        items = list(enumerate(values.detach().reshape(-1).tolist()))
+    elif isinstance(values, Sequence) and not isinstance(values, str):
+        items = list(enumerate(values))
+    else:
+        return [f"Fixed: coefficients must be a mapping, a sequence or a callable; got {values!r}"]
+    bad = [
+        f"{k!r}: {v!r}"
+        for k, v in items
+        if isinstance(v, bool)
+        or not isinstance(v, numbers.Real)
+        or not math.isfinite(float(v))
+        or float(v) < 0
+    ]
+    if bad:
+        return [f"Fixed: every coefficient must be a finite number >= 0; got {', '.join(bad)}"]
+    return []

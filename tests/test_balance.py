@@ -343,3 +343,121 @@ def test_coefficient_stats() -> None:
     out = stats.coefficient_stats(c, ["a", "b"])
     assert out["a"] == {"mean": 2.0, "sd": 1.0, "min": 1.0, "max": 3.0}
     assert out["b"] == pytest.approx({"mean": 0.5, "sd": 0.5, "min": 0.0, "max": 1.0})
+
+
+# ----------------------------------- settings synthetic-uninformative, synthetic-weak and watch
+def _f_statistic(x: torch.Tensor, y: torch.Tensor, classes: int) -> torch.Tensor:
+    """One-way ANOVA F per column (between-class / within-class variance): ~1 without signal."""
+    n = x.shape[0]
+    means = torch.stack([x[y == c].mean(0) for c in range(classes)])
+    counts = torch.bincount(y, minlength=classes).to(x.dtype)
+    between = (counts[:, None] * (means - x.mean(0)) ** 2).sum(0) / (classes - 1)
+    within = ((x - means[y]) ** 2).sum(0) / (n - classes)
+    return between / within
+
+
+def test_uninformative_b_carries_no_class_information() -> None:
+    spec = data.SETTINGS["synthetic-uninformative"].synthetic
+    assert spec is not None and not spec.b_informative
+    for seed in range(3):
+        d = data.make_synthetic(spec, seed)
+        # class-conditional means of B equal up to noise: F ~ 1 (vs ~23 for "synthetic")
+        assert float(_f_statistic(d.x["B"], d.y, spec.classes).mean()) < 1.3
+        _, mean_b = data._class_means(spec)
+        assert float((_nearest_mean(d.x["B"], mean_b) == d.y).float().mean()) < 0.15
+        # the same marginal variance as the informative B, and the same A as "synthetic"
+        ref = data.make_synthetic(SPEC, seed)
+        assert float(d.x["B"].var()) == pytest.approx(float(ref.x["B"].var()), rel=0.05)
+        assert torch.equal(d.x["A"], ref.x["A"]) and torch.equal(d.informative, ref.informative)
+        assert float(_f_statistic(ref.x["B"], ref.y, spec.classes).mean()) > 10
+
+
+def test_uninformative_b_is_drawn_without_looking_at_the_label(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = data.SyntheticSpec(b_informative=False)
+    informative = data.SyntheticSpec()
+    before = data.make_synthetic(spec, 4).x["B"]
+    control = data.make_synthetic(informative, 4).x["B"]
+    # other labels (same class sizes, so the same random stream) and poisoned class means
+    perm = torch.randperm(spec.n, generator=torch.Generator().manual_seed(0))
+    labels = data._labels(spec)[perm]
+    means = data._class_means
+
+    def poisoned(s: data.SyntheticSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        mean_a, mean_b = means(s)
+        return mean_a, torch.full_like(mean_b, math.nan)
+
+    monkeypatch.setattr(data, "_labels", lambda s: labels)
+    assert torch.equal(data.make_synthetic(spec, 4).x["B"], before)
+    assert not torch.equal(data.make_synthetic(informative, 4).x["B"], control)  # the control
+    monkeypatch.setattr(data, "_class_means", poisoned)
+    assert torch.equal(data.make_synthetic(spec, 4).x["B"], before)
+    assert torch.isnan(data.make_synthetic(informative, 4).x["B"]).all()
+
+
+def test_weak_b_is_informative_but_weaker_than_a() -> None:
+    spec = data.SETTINGS["synthetic-weak"].synthetic
+    assert spec is not None and spec.b_informative
+    assert spec.noise_b == data.WEAK_NOISE_B in data.WEAK_NOISE_GRID
+    assert spec.noise_b > SPEC.noise_b and spec.dim_b == SPEC.dim_b
+    mean_a, mean_b = data._class_means(spec)
+    for seed in range(3):
+        d = data.make_synthetic(spec, seed)
+        assert float(_f_statistic(d.x["B"], d.y, spec.classes).mean()) > 4  # class means differ
+        hit_b = float((_nearest_mean(d.x["B"], mean_b) == d.y).float().mean())
+        hit_a = float((_nearest_mean(d.x["A"], mean_a) == d.y).float().mean())
+        assert 0.25 < hit_b < hit_a - 0.1  # clearly above chance (0.1), clearly below A
+
+
+def test_new_synthetic_settings_split_and_standardise() -> None:
+    for name in ("synthetic-uninformative", "synthetic-weak"):
+        split = data.load_split(data.SETTINGS[name], seed=2)
+        assert split.dims() == {"A": SPEC.dim_a, "B": SPEC.dim_b} and split.groups is None
+        assert split.x["train"]["B"].shape == (1200, SPEC.dim_b)
+        assert torch.allclose(split.x["train"]["B"].mean(0), torch.zeros(SPEC.dim_b), atol=1e-5)
+        assert torch.bincount(split.y["test"]).tolist() == [40] * 10
+
+
+def test_conv_encoder_for_series_mlp_for_widths() -> None:
+    mlp = models.encoder(10, 8, 4)
+    assert isinstance(mlp[0], nn.Linear) and mlp(torch.randn(5, 10)).shape == (5, 4)
+    conv = models.encoder(models.Series(3, 200), 8, 4)
+    assert isinstance(conv[0], nn.Conv1d) and conv(torch.randn(5, 3, 200)).shape == (5, 4)
+    dims: dict[str, models.InputShape] = {
+        "acc": models.Series(3, 200),
+        "gyro": models.Series(3, 200),
+    }
+    parts = models.build_parts(dims, hidden=8, feature=6, classes=7, seed=0)
+    xs = {m: torch.randn(4, 3, 200) for m in dims}
+    feats = parts.model.features(xs)
+    assert all(h.shape == (4, 6) for h in feats.values())
+    torch.testing.assert_close(sum(parts.model.shares(feats).values()), parts.model.fuse(feats))
+    assert isinstance(parts.model.head, nn.Linear) and parts.model.head.weight.shape == (7, 12)
+    for clf in parts.classifiers.values():
+        assert clf[-1].weight.shape == (7, 12)
+    # the existing settings keep their MLP encoders (their numbers do not change)
+    assert data.SETTINGS["watch"].encoder == "conv1d"
+    assert all(s.encoder == "mlp" for n, s in data.SETTINGS.items() if n != "watch")
+
+
+def test_tiny_run_of_the_new_settings(tmp_path: Path) -> None:
+    names = ["synthetic-uninformative", "synthetic-weak", "watch"]
+    argv = [
+        *SMOKE,
+        "--seeds",
+        "1",
+        "--settings",
+        ",".join(names),
+        "--methods",
+        "joint,balanced,agm",
+    ]
+    records = balance.main([*argv, "--no-plots", "--workers", "1", "--out", str(tmp_path)])
+    seen = {(r["setting"], r["method"]) for r in records}
+    for name in names:
+        mods = ["acc", "gyro"] if name == "watch" else ["A", "B"]
+        expected = {*(f"alone:{m}" for m in mods), "ensemble", "joint", "balanced", "agm"}
+        assert {m for s, m in seen if s == name} == expected
+    for r in records:
+        assert r["dataset"] == ("watch" if r["setting"] == "watch" else "synthetic")
+        assert _finite(r["fused_acc"]), r

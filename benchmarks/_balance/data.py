@@ -1,9 +1,21 @@
-"""The benchmark's settings: real UCI Multiple Features view sets and synthetic competition sets.
+"""The benchmark's settings: UCI Multiple Features view sets, synthetic competition sets and the
+smartwatch sensors.
 
-Every setting gives, per seed, a stratified 60/20/20 train/val/test split
-(:func:`gradmod.datasets.stratified_split`) with each modality standardised by its training
-statistics (:func:`gradmod.datasets.standardize`). The synthetic generator is documented in
-:func:`make_synthetic` and in the module docstring of ``benchmarks/balance.py``.
+* UCI (``pix+fou``, ``fac+zer``, ``pix+fou+zer``) and synthetic settings: per seed a stratified
+  60/20/20 train/val/test split (:func:`gradmod.datasets.stratified_split`), each modality
+  standardised by its training statistics (:func:`gradmod.datasets.standardize`). The synthetic
+  generator is documented in :func:`make_synthetic` and in the module docstring of
+  ``benchmarks/balance.py``: ``synthetic`` (B noisy, always informative), ``-misleading`` (A's
+  noise part shows a wrong class), ``-uninformative`` (B independent of the label: pure noise of
+  the informative B's variance) and ``-weak`` (B's noise raised to :data:`WEAK_NOISE_B`, chosen
+  from :data:`WEAK_NOISE_GRID` by B's unimodal accuracy only).
+* ``watch``: 4 s windows of a smartwatch's accelerometer and gyroscope (``[n, 3, 200]`` each,
+  :mod:`.watch`), split by SUBJECT per seed (5 train / 2 validation / 3 test,
+  :func:`.watch.subject_split`), each sensor channel standardised by its training statistics
+  (:func:`standardize_series`); its encoders are 1-D convs (``Setting.encoder = "conv1d"``,
+  :func:`.models.conv_encoder`), every other setting's are MLPs.
+
+Measured unimodal/ensemble/joint accuracies are in ``benchmarks/balance.py``'s docstring.
 """
 
 from __future__ import annotations
@@ -16,9 +28,14 @@ from torch import Tensor
 
 from gradmod.datasets import load_uci_multifeature, standardize, stratified_split
 
+from . import watch
+from .models import InputShape, Series
+
 __all__ = [
     "PARTS",
     "SETTINGS",
+    "WEAK_NOISE_B",
+    "WEAK_NOISE_GRID",
     "Setting",
     "Split",
     "SyntheticData",
@@ -27,6 +44,7 @@ __all__ = [
     "make_synthetic",
     "misleading_permutation",
     "sample_seed",
+    "standardize_series",
 ]
 
 PARTS = ("train", "val", "test")
@@ -48,6 +66,7 @@ class SyntheticSpec:
     informative: float = 0.6  # fraction of each class where A carries the class
     noise_a: float = 0.5  # sd of A's noise around its class mean (class means have sd 1)
     noise_b: float = 3.0  # sd of B's noise around its class mean (class means have sd 1)
+    b_informative: bool = True  # False: B is pure noise sqrt(1 + noise_b^2) e, drawn without y
     misleading: bool = False  # A's uninformative part shows the WRONG class pi(y), not noise
     world_seed: int = 20240601  # class means: one fixed "world"; samples are drawn per seed
 
@@ -89,6 +108,11 @@ def _class_means(spec: SyntheticSpec) -> tuple[Tensor, Tensor]:
     return mean_a, mean_b
 
 
+def _labels(spec: SyntheticSpec) -> Tensor:
+    """``y = i mod classes``: balanced labels, the same for every seed."""
+    return torch.arange(spec.n) % spec.classes
+
+
 def _informative_mask(y: Tensor, fraction: float, gen: torch.Generator) -> Tensor:
     """Exactly ``round(fraction * n_c)`` random samples of each class ``c`` are informative."""
     mask = torch.zeros(y.numel(), dtype=torch.bool)
@@ -110,7 +134,10 @@ def make_synthetic(spec: SyntheticSpec, seed: int) -> SyntheticData:
       ``x_A = sqrt(1 + noise_a^2) * e`` (same per-coordinate variance, no class information),
       or, with ``misleading=True``, ``x_A = mu_A[pi(y)] + noise_a * e`` with the fixed wrong
       label ``pi(c) = (c + 1) mod classes`` (:func:`misleading_permutation`).
-    * Modality B: ``x_B = mu_B[y] + noise_b * e`` for every sample (noisy, always informative).
+    * Modality B: ``x_B = mu_B[y] + noise_b * e`` for every sample (noisy, always informative);
+      with ``b_informative=False``, ``x_B = sqrt(1 + noise_b^2) * e``: independent of the label
+      (drawn without reading ``y`` or ``mu_B``), with B's per-coordinate variance (the class
+      means have unit variance). The random stream is the same either way.
 
     ``e`` are independent standard normal draws, and the informative samples are chosen, from a
     ``torch.Generator`` seeded with :func:`sample_seed` ``(spec, seed)``.
@@ -119,7 +146,7 @@ def make_synthetic(spec: SyntheticSpec, seed: int) -> SyntheticData:
         raise ValueError(f"informative must be in [0, 1]; got {spec.informative}")
     mean_a, mean_b = _class_means(spec)
     gen = torch.Generator().manual_seed(sample_seed(spec, seed))
-    y = torch.arange(spec.n) % spec.classes
+    y = _labels(spec)
     informative = _informative_mask(y, spec.informative, gen)
     if spec.misleading:
         shown = torch.where(informative, y, misleading_permutation(spec.classes)[y])
@@ -129,18 +156,35 @@ def make_synthetic(spec: SyntheticSpec, seed: int) -> SyntheticData:
         noise = torch.randn(spec.n, spec.dim_a, generator=gen)
         pure = (1.0 + spec.noise_a**2) ** 0.5 * noise
         x_a = torch.where(informative[:, None], mean_a[y] + spec.noise_a * noise, pure)
-    x_b = mean_b[y] + spec.noise_b * torch.randn(spec.n, spec.dim_b, generator=gen)
+    noise_b = torch.randn(spec.n, spec.dim_b, generator=gen)
+    if spec.b_informative:
+        x_b = mean_b[y] + spec.noise_b * noise_b
+    else:
+        x_b = (1.0 + spec.noise_b**2) ** 0.5 * noise_b
     return SyntheticData({"A": x_a, "B": x_b}, y, informative, shown)
+
+
+#: ``synthetic-weak``: the noise levels of B declared before any run, and the one chosen, by
+#: B's unimodal ("alone") test accuracy only (target 30-45 % with 10 classes; never by a
+#: balancing method's result). See the benchmark's docstring for the measurements.
+WEAK_NOISE_GRID: tuple[float, ...] = (4.0, 5.0, 6.0, 7.0, 8.0)
+WEAK_NOISE_B = 6.0
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One data setting of the benchmark."""
+    """One data setting of the benchmark.
+
+    ``encoder``: ``"mlp"`` (feature vectors ``[n, d]``) or ``"conv1d"`` (time series
+    ``[n, channels, length]``): the input shape :meth:`Split.dims` reports, which picks the
+    encoder (:func:`.models.encoder`).
+    """
 
     name: str
-    dataset: str  # "uci" or "synthetic"
+    dataset: str  # "uci", "synthetic" or "watch"
     modalities: tuple[str, ...]
     synthetic: SyntheticSpec | None = None
+    encoder: str = "mlp"
 
 
 SETTINGS: dict[str, Setting] = {
@@ -151,18 +195,35 @@ SETTINGS: dict[str, Setting] = {
     "synthetic-misleading": Setting(
         "synthetic-misleading", "synthetic", ("A", "B"), SyntheticSpec(misleading=True)
     ),
+    "synthetic-uninformative": Setting(
+        "synthetic-uninformative", "synthetic", ("A", "B"), SyntheticSpec(b_informative=False)
+    ),
+    "synthetic-weak": Setting(
+        "synthetic-weak", "synthetic", ("A", "B"), SyntheticSpec(noise_b=WEAK_NOISE_B)
+    ),
+    "watch": Setting("watch", "watch", tuple(watch.CHANNELS), encoder="conv1d"),
 }
 
 
 @dataclass(frozen=True)
 class Split:
-    """Standardised features ``x[part][modality]`` and labels ``y[part]`` of one seed."""
+    """Standardised features ``x[part][modality]`` and labels ``y[part]`` of one seed.
+
+    ``groups[part]``: the subject of every row of a subject-level split (``watch``), else
+    ``None``.
+    """
 
     x: dict[str, dict[str, Tensor]]
     y: dict[str, Tensor]
     classes: int
+    encoder: str = "mlp"
+    groups: dict[str, Tensor] | None = None
 
-    def dims(self) -> dict[str, int]:
+    def dims(self) -> dict[str, InputShape]:
+        """Each modality's input shape: its width (MLP encoder), or a :class:`.models.Series`
+        ``(channels, length)`` (conv encoder)."""
+        if self.encoder == "conv1d":
+            return {m: Series(t.shape[1], t.shape[2]) for m, t in self.x["train"].items()}
         return {m: t.shape[1] for m, t in self.x["train"].items()}
 
 
@@ -171,21 +232,54 @@ def _uci(views: tuple[str, ...]) -> tuple[dict[str, Tensor], Tensor]:
     return load_uci_multifeature(views)
 
 
+@functools.cache
+def _watch() -> watch.WatchWindows:
+    return watch.watch_windows(watch.load_watch())
+
+
 def _raw(setting: Setting, seed: int) -> tuple[dict[str, Tensor], Tensor]:
     if setting.dataset == "uci":
         return _uci(setting.modalities)
+    if setting.dataset == "watch":
+        w = _watch()
+        return w.x, w.y
     assert setting.synthetic is not None
     data = make_synthetic(setting.synthetic, seed)
     return data.x, data.y
 
 
+def standardize_series(train: Tensor, *others: Tensor) -> tuple[Tensor, ...]:
+    """:func:`~gradmod.datasets.standardize` per CHANNEL of ``[n, channels, length]`` series:
+    each channel's mean and sd over the training windows and time steps."""
+    flat = [t.transpose(1, 2).reshape(-1, t.shape[1]) for t in (train, *others)]
+    scaled = standardize(*flat)
+    return tuple(
+        s.reshape(t.shape[0], t.shape[2], t.shape[1]).transpose(1, 2)
+        for s, t in zip(scaled, (train, *others), strict=True)
+    )
+
+
 def load_split(setting: Setting, seed: int) -> Split:
-    """The seed's stratified 60/20/20 split, each modality standardised on its training part."""
+    """The seed's split, each modality standardised on its training part.
+
+    Stratified 60/20/20 (:func:`~gradmod.datasets.stratified_split`) for the UCI and synthetic
+    settings; subject-level 5/2/3 subjects (:func:`.watch.subject_split`) for ``watch``, whose
+    sensors are standardised per channel (:func:`standardize_series`).
+    """
     xs, y = _raw(setting, seed)
-    idx = dict(zip(PARTS, stratified_split(y, seed=seed), strict=True))
+    groups = None
+    if setting.dataset == "watch":
+        subjects = _watch().subject
+        parts, _ = watch.subject_split(subjects, seed=seed)
+        idx = dict(zip(PARTS, parts, strict=True))
+        groups = {p: subjects[i] for p, i in idx.items()}
+    else:
+        idx = dict(zip(PARTS, stratified_split(y, seed=seed), strict=True))
+    scale = standardize_series if setting.encoder == "conv1d" else standardize
     x: dict[str, dict[str, Tensor]] = {p: {} for p in PARTS}
     for m in setting.modalities:
-        scaled = standardize(*(xs[m][i] for i in idx.values()))
+        scaled = scale(*(xs[m][i] for i in idx.values()))
         for p, s in zip(PARTS, scaled, strict=True):
             x[p][m] = s.contiguous()
-    return Split(x, {p: y[i] for p, i in idx.items()}, int(y.max()) + 1)
+    y_parts = {p: y[i] for p, i in idx.items()}
+    return Split(x, y_parts, int(y.max()) + 1, setting.encoder, groups)

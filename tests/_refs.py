@@ -38,6 +38,26 @@ def mlb_k(scores: Sequence[float], alpha: float, higher: bool = True) -> list[fl
     return out
 
 
+def mlb_gated_k(scores: Sequence[float], alpha: float, chance: float, gate: str) -> list[float]:
+    """gradmod's gated MLB, from its spec: q_m = clip((s_m - c) / (max s - c), 0, 1); a boost
+    k > 1 becomes 1 + (k - 1) q_m; with "both", a slowing k < 1 becomes
+    1 - (1 - k) * mean_{j != m} q_j."""
+    k = mlb_k(scores, alpha)
+    top = max(scores)
+    if top <= chance:  # no head beats chance: nothing is informative
+        q = [0.0] * len(scores)
+    else:
+        q = [min(max((s - chance) / (top - chance), 0.0), 1.0) for s in scores]
+    out = []
+    for m, km in enumerate(k):
+        if km > 1:
+            km = 1 + (km - 1) * q[m]
+        elif km < 1 and gate == "both":
+            km = 1 - (1 - km) * mean_others(q, m)
+        out.append(km)
+    return out
+
+
 def ogm_k(scores: Sequence[float], alpha: float) -> list[float]:
     """The official discontinuous rule; one-vs-others for M > 2; M = 2 tie slows modality 0."""
     if len(scores) == 2:

@@ -9,7 +9,7 @@ import math
 import hypothesis.strategies as st
 import pytest
 import torch
-from _refs import shapley
+from _refs import mlb_gated_k, shapley
 from hypothesis import assume, given
 from settings import DEVICE
 from torch import nn
@@ -387,3 +387,37 @@ def test_shapley_gradcheck() -> None:
     a = torch.randn(2, 2, dtype=F64, requires_grad=True)
     v = torch.randn(2, 3, dtype=F64, requires_grad=True)
     assert gradcheck(lambda a, v: GF.shapley_responses(fuse, {"a": a, "v": v})["a"], (a, v))
+
+
+# ------------------------------------------------------------------ MLB's chance gate
+@given(
+    st.lists(st.floats(0.01, 1.0), min_size=2, max_size=5),
+    st.floats(0.0, 0.5),
+    st.sampled_from(["boost", "both"]),
+)
+def test_gated_mlb_matches_its_spec(scores: list[float], chance: float, gate: str) -> None:
+    assume(max(scores) - chance > 1e-3)
+    k = GF.mlb_coefficients(
+        torch.tensor(scores, dtype=torch.float64),
+        alpha=0.8,
+        gate=gate,
+        chance=chance,  # type: ignore[arg-type]
+    )
+    ref = mlb_gated_k(scores, 0.8, chance, gate)
+    torch.testing.assert_close(k, torch.tensor(ref, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+@given(st.floats(0.3, 1.0), st.integers(2, 5), st.sampled_from(["boost", "both"]))
+def test_a_head_at_chance_is_not_boosted_and_with_both_nobody_is_slowed_for_it(
+    strong: float, m: int, gate: str
+) -> None:
+    """Modalities 1.. at chance (their heads learned nothing): none of them is boosted, and
+    with "both" the informative modality 0 keeps k = 1 (joint training's rate)."""
+    chance = 0.1
+    scores = torch.tensor([strong] + [chance] * (m - 1), dtype=torch.float64)
+    k = GF.mlb_coefficients(scores, alpha=0.8, gate=gate, chance=chance)  # type: ignore[arg-type]
+    assert (k[1:] <= 1.0).all()
+    if gate == "both":
+        assert k[0] == 1.0
+    else:
+        assert k[0] < 1.0  # "boost" still slows the strong modality

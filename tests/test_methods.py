@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _models import hook_count
-from _refs import agm_k, agm_score, cosine, mlb_k, ogm_k, shapley, softmax_true
+from _refs import agm_k, agm_score, cosine, mlb_gated_k, mlb_k, ogm_k, shapley, softmax_true
 from settings import ATOL, DEVICE, DTYPE, RTOL
 from torch import Tensor, nn
 
@@ -276,6 +276,36 @@ def test_mlb_configuration_errors() -> None:
         gradmod.MLB(alpha=0)
     with pytest.raises(ValueError, match="scale"):
         gradmod.MLB(scale="all")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("gate", ["boost", "both"])
+def test_gated_mlb_reads_chance_off_the_batch_labels(gate: str) -> None:
+    """Chance = sum_c pi_c^2 of the batch's label frequencies (imbalanced here), the gate as
+    specified (``_refs.mlb_gated_k``), the heads' scores from a float64 loop."""
+    names = ("a", "b", "c")
+    model, heads = make(names), linear_heads(names)
+    ctx = ctx_for(model, gradmod.MLB(alpha=0.8, gate=gate), heads)  # type: ignore[arg-type]
+    xs, _ = data(names)
+    y = torch.tensor([0] * 14 + [1] * 7 + [2] * 3)
+    head_opt = torch.optim.Adam([p for h in heads.values() for p in h.parameters()], lr=0.05)
+    with torch.no_grad():
+        fixed = model.features(dev(xs, y)[0])
+    for _ in range(30):  # heads above chance (untrained heads score ~1/3 < chance ~0.44)
+        loss = sum(F.cross_entropy(heads[n](fixed[n]), y.to(DEVICE)) for n in names)
+        head_opt.zero_grad()
+        loss.backward()  # type: ignore[union-attr]
+        head_opt.step()
+    m64, h64 = f64(model), {n: f64(h) for n, h in heads.items()}
+    feats64 = m64.features(xs)  # type: ignore[operator]
+    scores = [sum(softmax_true(h64[n](feats64[n]).detach(), y)) / len(y) for n in names]
+    chance = sum((c / len(y)) ** 2 for c in (14, 7, 3))
+    xd, yd = dev(xs, y)
+    feats = model.features(xd)
+    with ctx(features=feats, targets=yd):
+        F.cross_entropy(model.fuse(feats), yd).backward()
+    close(ctx.coefficients, torch.tensor(mlb_gated_k(scores, 0.8, chance, gate)), "k")
+    plain = gradmod.functional.mlb_coefficients(torch.tensor(scores, dtype=F64), alpha=0.8)
+    assert float((plain - ctx.coefficients.cpu()).abs().max()) > 1e-3  # the gate acted
 
 
 def test_mlb_official_width_mismatch_is_a_step_error_before_anything() -> None:

@@ -208,7 +208,10 @@ def gradmod_multiloss(parts: Parts, config: Config, opt: Optimizer) -> gradmod.M
     direction = config.get("direction", 0.0)
     if "alpha" in config:
         method: gradmod.Method = gradmod.MLB(
-            alpha=config["alpha"], scale=config["scale"], direction=direction
+            alpha=config["alpha"],
+            scale=config["scale"],
+            direction=direction,
+            gate=config.get("gate"),
         )
     else:
         method = gradmod.MultiLoss(direction=direction)
@@ -249,10 +252,17 @@ register("mlb+direction", heads="mlp", mlp_heads=True, alpha=0.8, scale="officia
 )
 
 
+# MLB with gradmod's chance gate (a modality with nothing to give is neither boosted nor the
+# reason for slowing the others), declared before measuring it on the settings below
+for _gate in ("boost", "both"):
+    register(
+        f"mlb:gate={_gate}", grid=True, heads="linear", alpha=0.8, scale="encoder", gate=_gate
+    )(gradmod_multiloss)
+
 # ------------------------------------------------------------------------- the update level
 # Each coefficient method's update form (AGM has none: its coefficients scale responses that
 # reach the fused head too; MLB's official scaling of a fused-head column block neither). The
 # recommended configuration's is part of --quick; the others are grid points (full runs).
 at_update("balanced", grid=False)
-for _name in ("cggm", "ogm-ge", "ogm-ge:alpha=0.8"):
+for _name in ("cggm", "ogm-ge", "ogm-ge:alpha=0.8", "mlb:gate=boost", "mlb:gate=both"):
     at_update(_name)

@@ -18,12 +18,13 @@ from ._agm import agm_coefficients
 from ._cggm import Policy, improvement_rate_scale
 from ._cosine import TensorOrList, cosine_direction_loss, flat_cosine
 from ._metrics import accuracy, correct, sign_accuracy, sign_correct
-from ._mlb import mlb_coefficients
+from ._mlb import Gate, mlb_coefficients
 from ._ogm import OGMForm, ogm_ge_coefficients
 from ._scores import clipped_nll, mean_of_others, one_vs_others_ratio, true_class_probability
 from ._shapley import shapley_responses
 
 __all__ = [
+    "Gate",
     "OGMForm",
     "Policy",
     "TensorOrList",

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
 from ._scores import mean_of_others
 
-__all__ = ["mlb_coefficients"]
+__all__ = ["Gate", "mlb_coefficients"]
+
+
+Gate = Literal["boost", "both"]
 
 
 def mlb_coefficients(
@@ -16,6 +21,8 @@ def mlb_coefficients(
     alpha: float = 0.8,
     beta: float | None = None,
     higher_is_better: bool = True,
+    gate: Gate | None = None,
+    chance: Tensor | float | None = None,
 ) -> Tensor:
     r"""MLB's per-modality factors :math:`k \in (0, 2)`: slow the strong, boost the weak.
 
@@ -34,6 +41,18 @@ def mlb_coefficients(
             :math:`k_m = 1 + (\beta - 1)\tanh(\alpha(r_m - 1)) < \beta`. ``None``: no cap (the
             boost tends to 2).
         higher_is_better: ``True`` for probabilities/accuracies, ``False`` for errors.
+        gate: gradmod's extension for modalities with nothing to give (classification scores
+            only). With :math:`c` the ``chance`` score (the mean true-class probability of a head
+            that predicts the label prior, :math:`\sum_c \pi_c^2`), each head's
+            *informativeness* is :math:`q_m = \text{clip}((s_m - c) / (\max_j s_j - c), 0, 1)`
+            (0 for every head when none beats chance).
+            ``"boost"``: a boost is scaled by the head's own :math:`q_m`,
+            :math:`k_m \leftarrow 1 + (k_m - 1) q_m` where :math:`k_m > 1` (a head at chance is
+            not boosted). ``"both"``: in addition a slowing is scaled by the mean informativeness
+            of the other heads, :math:`k_m \leftarrow 1 - (1 - k_m)\,\text{mean}_{j \ne m}
+            q_j` where :math:`k_m < 1` (a modality is not slowed for others that have nothing
+            to learn). ``None``: MLB's rule as published.
+        chance: :math:`c`, needed with ``gate``.
 
     Returns:
         ``k``, shape ``[M]``, finite; no host synchronisation. A zero denominator is replaced by
@@ -45,11 +64,25 @@ def mlb_coefficients(
         raise ValueError(f"alpha must be > 0; got {alpha}")
     if beta is not None and beta < 1:
         raise ValueError(f"beta caps the boost and must be >= 1; got {beta}")
+    if gate is not None and (
+        gate not in ("boost", "both") or chance is None or not higher_is_better
+    ):
+        raise ValueError(
+            "gate must be 'boost' or 'both', with chance given, for scores where higher is "
+            f"better; got gate={gate!r}, chance={chance!r}, higher_is_better={higher_is_better}"
+        )
     tiny = torch.finfo(scores.dtype).tiny
     others = mean_of_others(scores)
     r = others / scores.clamp_min(tiny) if higher_is_better else scores / others.clamp_min(tiny)
     x = alpha * (r - 1.0)
-    one_plus_tanh = 2.0 * torch.sigmoid(2.0 * x)  # = 1 + tanh(x), accurate for x << 0
-    if beta is None:
-        return one_plus_tanh
-    return torch.where(x > 0, 1.0 + (beta - 1.0) * torch.tanh(x), one_plus_tanh)
+    k = 2.0 * torch.sigmoid(2.0 * x)  # = 1 + tanh(x), accurate for x << 0
+    if beta is not None:
+        k = torch.where(x > 0, 1.0 + (beta - 1.0) * torch.tanh(x), k)
+    if gate is None:
+        return k
+    c = torch.as_tensor(chance, dtype=scores.dtype, device=scores.device)
+    q = ((scores - c) / (scores.max() - c).clamp_min(tiny)).clamp(0.0, 1.0)
+    k = torch.where(k > 1, 1.0 + (k - 1.0) * q, k)
+    if gate == "both":
+        k = torch.where(k < 1, 1.0 - (1.0 - k) * mean_of_others(q), k)
+    return k

@@ -167,6 +167,12 @@ class MLB(MultiLoss):
     Args:
         alpha: :math:`\alpha` (official 0.8 on CREMA-D and AVE, 1.0 on UCF101).
         beta: optional cap of the boost (:math:`k < \beta`); ``None``: none.
+        gate: gradmod's extension for a modality with nothing to give
+            (:func:`gradmod.functional.mlb_coefficients`): ``"boost"`` scales a head's boost by
+            how far it is above chance, relative to the best head; ``"both"`` also scales the
+            slowing of a modality by how far the OTHER heads are above chance. Chance is the
+            mean true-class probability of a head predicting the batch's label frequencies
+            (global under DDP). Classification only. ``None``: MLB as published.
         scale: what :math:`k_m` multiplies. ``"encoder"`` (default): encoder ``m``'s gradient,
             including the part that comes from its own unimodal loss. ``"official"``: also
             head ``m``'s gradient and modality ``m``'s column block of a linear fusion head
@@ -185,6 +191,7 @@ class MLB(MultiLoss):
         alpha: float = 0.8,
         beta: float | None = None,
         scale: Literal["encoder", "official"] = "encoder",
+        gate: GF.Gate | None = None,
         weight: float = 1.0,
         task: Task = "classification",
         loss_fn: Loss | None = None,
@@ -196,15 +203,21 @@ class MLB(MultiLoss):
         choices = []
         if scale not in ("encoder", "official"):
             choices.append(f"MLB: scale must be 'encoder' or 'official'; got {scale!r}")
+        if gate not in (None, "boost", "both"):
+            choices.append(f"MLB: gate must be None, 'boost' or 'both'; got {gate!r}")
+        if gate is not None and task != "classification":
+            choices.append("MLB: gate= compares scores with chance: classification only")
         self._check_args(weight=weight, task=task, direction=direction, more=more, choices=choices)
         super().__init__(weight=weight, task=task, loss_fn=loss_fn, direction=direction)
         self.alpha = float(alpha)
         self.beta = beta
         self.scale = scale
+        self.gate: GF.Gate | None = gate
 
     def extra_repr(self) -> str:
         return (
-            f"alpha={self.alpha}, beta={self.beta}, scale={self.scale!r}, " + super().extra_repr()
+            f"alpha={self.alpha}, beta={self.beta}, scale={self.scale!r}, gate={self.gate!r}, "
+            + super().extra_repr()
         )
 
     def check(self, binding: Binding) -> list[str]:
@@ -238,11 +251,24 @@ class MLB(MultiLoss):
         else:
             per_sample = [_squared_errors(o.to(like.dtype), step.targets) for o in outputs]
         scores = global_mean(per_sample, step.reduce, like)
+        chance = None
+        if self.gate is not None:
+            # the mean true-class probability of a head that predicts the label frequencies:
+            # sum_c pi_c^2, from the global batch's label counts
+            y = step.targets.reshape(-1).long()
+            counts = like.new_zeros(outputs[0].shape[-1]).index_add_(
+                0, y, torch.ones(y.shape, dtype=like.dtype, device=like.device)
+            )  # a fixed size: no host sync (torch.bincount sizes by the largest label)
+            counts = step.reduce(counts)
+            pi = counts / counts.sum().clamp_min(1.0)
+            chance = (pi * pi).sum()
         return GF.mlb_coefficients(
             scores,
             alpha=self.alpha,
             beta=self.beta,
             higher_is_better=self.task == "classification",
+            gate=self.gate,
+            chance=chance,
         )
 
     def _scale_head_grad(self, g: Tensor, k: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import numbers
 import threading
+import weakref
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Literal
@@ -246,8 +247,12 @@ class ModulationContext:
         self._update: UpdateLevel | None = None
         if act == "update":
             assert optimizer is not None
+            me = weakref.ref(self)
             self._update = UpdateLevel(
-                optimizer, [self._targets.encoders.get(n, []) for n in names], names
+                optimizer,
+                [self._targets.encoders.get(n, []) for n in names],
+                names,
+                active=lambda: (c := me()) is not None and c._plan is not None,
             )
         self._hooks = HookSet(self._hook_coefficients())
         self._slots = slot_list(root, slots, groups)
@@ -296,8 +301,18 @@ class ModulationContext:
 
     @property
     def coefficients(self) -> Tensor:
-        """The factors applied in the latest (or current) backward, shape ``[M]`` (a copy)."""
+        """The factors the method decided in the latest (or current) block, shape ``[M]`` (a
+        copy): applied to that backward's gradients (``act="gradient"``), or recorded for the
+        next optimizer step (``act="update"``, see :attr:`pending_update`)."""
         return self._coeffs.detach().clone()
+
+    @property
+    def pending_update(self) -> Tensor | None:
+        """``act="update"``: the factors the next ``optimizer.step()`` applies to each
+        modality's update (the mean over the blocks of the window), or ``None`` when no block
+        ran since the last step (or at the gradient level)."""
+        k = self._update.pending() if self._update is not None else None
+        return None if k is None else k.detach().clone()
 
     def parameters(self) -> dict[str, list[nn.Parameter]]:
         """The encoder parameters of each modality."""
@@ -383,7 +398,9 @@ class ModulationContext:
             targets: this step's labels or regression targets.
             boundary: ``False`` for the earlier micro-batches of a gradient-accumulation
                 window, ``True`` (default) for the backward after which the optimizer steps.
-                Only methods that act once per optimizer step (OGM-GE's noise) read it.
+                Read by what acts once per optimizer step: OGM-GE's noise, and with
+                ``act="update"`` the window whose mean coefficient the step applies (a block with
+                ``boundary=True`` closes it: pass ``False`` on every micro-batch but the last).
             weight: multiplies every gradient the method adds itself (head losses, direction
                 loss). With gradient accumulation over ``n`` micro-batches, if you divide your
                 loss by ``n``, pass ``weight=1/n`` so that those terms are divided alike.

@@ -17,13 +17,13 @@ modality ``m``'s parameters multiplied by ``k_m``:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, optim
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, ContextError
 
 __all__ = ["UpdateLevel", "check_optimizer"]
 
@@ -45,6 +45,7 @@ _PROPORTIONAL: tuple[type[optim.Optimizer], ...] = (
 _REFUSED: dict[type[optim.Optimizer], str] = {
     optim.LBFGS: "LBFGS takes several closure evaluations and a line search per step",
     optim.Rprop: "Rprop's learning rate only sets the initial step size, which it then adapts",
+    optim.ASGD: "ASGD steps with the rate it derived from the previous step's learning rate",
 }
 
 
@@ -89,15 +90,33 @@ def check_optimizer(
 
 
 class _PreHook:
-    """The optimizer step pre-hook; holds its update level weakly (the optimizer keeps hooks)."""
+    """The optimizer step pre-hook; holds its update level weakly (the optimizer keeps hooks).
+
+    A ``step(closure)`` is given a closure that runs the user's (whose block decides the
+    coefficients) and scales the step after it.
+    """
 
     def __init__(self, owner: UpdateLevel) -> None:
         self.owner = weakref.ref(owner)
 
-    def __call__(self, opt: optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def __call__(self, opt: optim.Optimizer, args: Any, kwargs: Any) -> Any:
         level = self.owner()
-        if level is not None:
+        if level is None:
+            return None
+        # ``args`` holds the optimizer itself, then step()'s positional arguments
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
             level.before_step()
+            return None
+
+        def scaled_after(*a: Any, **kw: Any) -> Any:
+            out = closure(*a, **kw)
+            level.before_step()
+            return out
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": scaled_after}
+        return (args[0], scaled_after, *args[2:]), kwargs
 
 
 class _PostHook(_PreHook):
@@ -120,11 +139,13 @@ class UpdateLevel:
         opt: optim.Optimizer,
         modality: Sequence[Sequence[Tensor]],
         names: Sequence[str],
+        active: Callable[[], bool] = lambda: False,
     ) -> None:
         problems = check_optimizer(opt, modality, names)
         if problems:
             raise ConfigurationError(problems)
         self.optimizer = opt
+        self._active = active  # whether the owner's block is open (no strong reference to it)
         self._modality = [list(ts) for ts in modality]
         self._index = {id(t): m for m, ts in enumerate(self._modality) for t in ts}
         self._names = list(names)
@@ -198,17 +219,24 @@ class UpdateLevel:
 
     # ----------------------------------------------------------------------------- step
     def before_step(self) -> None:
+        if self._active():
+            raise ContextError(
+                "optimizer.step() was called inside the `with ctx(...)` block of an "
+                "act='update' context: the block's coefficients are known when it exits, so "
+                "call optimizer.step() after the block"
+            )
         self.restore()  # a previous step that raised left its scaling behind
         k = self.pending()
         self.sum, self.count, self.complete = None, 0, False
         if k is None:
             return
         self._check_layout()
-        values = k.tolist() if self._fast else []  # one host sync, for the fast path only
+        floats = any(not isinstance(g["lr"], Tensor) for g, _ in self._fast)
+        values = k.tolist() if floats else []  # one host sync, for float learning rates only
         for g, m in self._fast:
             lr = g["lr"]
             self._restore.append((g, lr))
-            g["lr"] = lr * values[m]  # a tensor lr stays a tensor
+            g["lr"] = lr * k[m].to(lr) if isinstance(lr, Tensor) else lr * values[m]
         for m, ps in enumerate(self._mixed):
             by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
             for p in ps:
@@ -216,13 +244,15 @@ class UpdateLevel:
             for (dtype, device), same in by_kind.items():
                 with torch.no_grad():
                     snap = [p.detach().clone() for p in same]
-                self._snapshots.append((same, snap, (1.0 - k[m]).to(device, dtype)))
+                self._snapshots.append((same, snap, k[m].to(device, dtype)))
 
     def after_step(self) -> None:
         with torch.no_grad():
             for ps, snap, w in self._snapshots:
-                # θ¹ + (1 - k)(θ⁰ - θ¹) = θ⁰ + k (θ¹ - θ⁰), without a host sync
-                torch._foreach_lerp_(ps, snap, [w] * len(ps))
+                # θ⁰ + k (θ¹ - θ⁰), without a host sync; blending from θ⁰ with weight k keeps
+                # k's relative precision in bf16/fp16 (a weight 1 - k near 1 would not)
+                torch._foreach_lerp_(snap, ps, [w] * len(ps))
+                torch._foreach_copy_(ps, snap)
         self._snapshots.clear()
         self.restore()
 

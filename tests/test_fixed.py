@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from _models import F64, NAMES, batch, loss_of, make_model
@@ -66,8 +67,15 @@ def test_schedule_gets_the_clean_step_count_and_resumes() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"a": 1.0, "b": -1.0, "c": 1.0}, [1.0, math.nan, 1.0], [1.0, "2", 1.0], 3.0],
-    ids=["negative", "nan", "string", "scalar"],
+    [
+        {"a": 1.0, "b": -1.0, "c": 1.0},
+        [1.0, math.nan, 1.0],
+        [1.0, "2", 1.0],
+        3.0,
+        torch.tensor(0.5),
+        np.array([1.0, -1.0, 1.0]),
+    ],
+    ids=["negative", "nan", "string", "scalar", "0-d tensor", "numpy negative"],
 )
 def test_bad_constants_are_configuration_errors(bad: object) -> None:
     with pytest.raises(gradmod.ConfigurationError, match="Fixed"):
@@ -116,3 +124,10 @@ def test_fixed_on_the_update_level_is_a_modality_specific_learning_rate() -> Non
         ref.zero_grad()
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-13)
+
+
+def test_numpy_constants_and_a_schedule_mapping_with_an_unknown_name() -> None:
+    ctx = run(gradmod.Fixed(np.array([0.5, 2.0, 1.0])))
+    assert ctx.coefficients.tolist() == [0.5, 2.0, 1.0]
+    with pytest.raises(gradmod.StepError, match="unknown"):
+        run(gradmod.Fixed(lambda step: {"a": 1.0, "b": 1.0, "c": 1.0, "d": 2.0}))

@@ -280,8 +280,9 @@ def test_mlb_configuration_errors() -> None:
 
 @pytest.mark.parametrize("gate", ["boost", "both"])
 def test_gated_mlb_reads_chance_off_the_batch_labels(gate: str) -> None:
-    """Chance = sum_c pi_c^2 of the batch's label frequencies (imbalanced here), the gate as
-    specified (``_refs.mlb_gated_k``), the heads' scores from a float64 loop."""
+    """Chance = sum_c pi_c^2 estimated without bias from the batch's label counts (imbalanced
+    here): sum n_c (n_c - 1) / (n (n - 1)); the gate as specified (``_refs.mlb_gated_k``), the
+    heads' scores from a float64 loop."""
     names = ("a", "b", "c")
     model, heads = make(names), linear_heads(names)
     ctx = ctx_for(model, gradmod.MLB(alpha=0.8, gate=gate), heads)  # type: ignore[arg-type]
@@ -298,7 +299,8 @@ def test_gated_mlb_reads_chance_off_the_batch_labels(gate: str) -> None:
     m64, h64 = f64(model), {n: f64(h) for n, h in heads.items()}
     feats64 = m64.features(xs)  # type: ignore[operator]
     scores = [sum(softmax_true(h64[n](feats64[n]).detach(), y)) / len(y) for n in names]
-    chance = sum((c / len(y)) ** 2 for c in (14, 7, 3))
+    n = len(y)
+    chance = sum(c * (c - 1) for c in (14, 7, 3)) / (n * (n - 1))  # unbiased sum of pi_c^2
     xd, yd = dev(xs, y)
     feats = model.features(xd)
     with ctx(features=feats, targets=yd):

@@ -411,7 +411,7 @@ def _ctx(model: nn.Module, method: gradmod.Method, **kw: object) -> gradmod.Modu
         (lambda ps: torch.optim.LBFGS(ps), "LBFGS takes several closure evaluations"),
         (lambda ps: torch.optim.Rprop(ps), "initial step size"),
         (lambda ps: torch.optim.Adagrad(ps, lr_decay=0.1), "not proportional"),
-        (lambda ps: torch.optim.ASGD(ps), "not proportional"),
+        (lambda ps: torch.optim.ASGD(ps), "previous step's learning rate"),
     ],
     ids=["lbfgs", "rprop", "adagrad-lr-decay", "asgd"],
 )
@@ -425,10 +425,11 @@ def test_optimizers_whose_update_is_not_the_scaled_step_are_refused(
 
 
 def test_any_optimizer_is_exact_with_one_param_group_per_modality() -> None:
-    """ASGD's update is not proportional to lr, but scaling a group's lr is the definition."""
+    """Adagrad with lr_decay: its update is not proportional to lr (refused for mixed groups),
+    but scaling a group's lr for the step is the definition."""
 
     def make_opt(groups: list[dict[str, object]]) -> torch.optim.Optimizer:
-        return torch.optim.ASGD(groups, lr=0.05)
+        return torch.optim.Adagrad(groups, lr=0.1, lr_decay=0.3)
 
     model = make_model(F64)
     ref = reference_run(copy.deepcopy(model), make_opt, SCHEDULE)
@@ -524,3 +525,151 @@ def test_compiled_model_at_the_update_level_matches_eager() -> None:
             opt.zero_grad()
         runs.append(model)
     assert_same(runs[0], runs[1], exact=False)
+
+
+# ==================================================================== review regressions
+def _closure_run(mixed: bool) -> tuple[MultiModal, MultiModal]:
+    torch.manual_seed(0)
+    model = make_model(F64)
+    ref = reference_run(copy.deepcopy(model), OPTIMIZERS["sgd-momentum"], SCHEDULE[:2])
+    groups = [{"params": list(model.parameters())}] if mixed else per_modality_groups(model)
+    opt = OPTIMIZERS["sgd-momentum"](groups)
+    ctx = gradmod.ModulationContext(
+        model, encoders=ENC, method=FixedMethod(SCHEDULE[:2]), act="update", optimizer=opt
+    )
+    seed = [0]
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        xs, y = batch(seed=seed[0], dtype=F64)
+        loss, feats = loss_of(model, xs, y)
+        with ctx(features=feats, targets=y):
+            loss.backward()
+        return loss
+
+    opt.step(closure)  # positional
+    seed[0] = 1
+    opt.step(closure=closure)  # keyword
+    return model, ref
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["fast", "general"])
+def test_step_with_a_closure_applies_the_closures_block(mixed: bool) -> None:
+    """opt.step(closure) whose closure runs the modulated backward: the step is scaled by the
+    coefficients that block decided (the scaling waits for the closure)."""
+    model, ref = _closure_run(mixed)
+    assert_same(model, ref, exact=not mixed)
+
+
+def test_step_inside_the_block_is_refused_before_anything_changes() -> None:
+    model = make_model(F64)
+    opt = torch.optim.SGD(per_modality_groups(model), lr=0.1)
+    ctx = gradmod.ModulationContext(
+        model, encoders=ENC, method=FixedMethod([[0.0, 1.0, 1.0]]), act="update", optimizer=opt
+    )
+    before = copy.deepcopy(model)
+    xs, y = batch(dtype=F64)
+    loss, feats = loss_of(model, xs, y)
+    with ctx(features=feats, targets=y):
+        loss.backward()
+        with pytest.raises(gradmod.ContextError, match="after the block"):
+            opt.step()
+    assert_same(model, before, exact=True)
+    assert [g["lr"] for g in opt.param_groups] == [0.1] * 4
+    opt.step()  # after the block: modality a's update is scaled by 0
+    assert torch.equal(model.enc["a"][0].weight, before.enc["a"][0].weight)
+    assert not torch.equal(model.enc["b"][0].weight, before.enc["b"][0].weight)
+
+
+def test_general_path_keeps_a_small_coefficient_in_bfloat16() -> None:
+    """From zero weights, one SGD step: the update is k * (-lr g) up to bf16 rounding of the
+    result, also for k = 0.01 (a lerp weight 1 - k rounded to bf16 would give ~0.0117)."""
+    model = make_model(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.enc.parameters():
+            p.zero_()
+    full = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ctx = gradmod.ModulationContext(
+        model, encoders=ENC, method=FixedMethod([[0.01, 0.01, 0.01]]), act="update", optimizer=opt
+    )
+    xs, y = batch(dtype=torch.bfloat16)
+    loss, feats = loss_of(model, xs, y)
+    with ctx(features=feats, targets=y):
+        loss.backward()
+    opt.step()
+    loss_of(full, xs, y)[0].backward()
+    torch.optim.SGD(full.parameters(), lr=0.5).step()
+    checked = 0
+    for p, q in zip(model.enc.parameters(), full.enc.parameters(), strict=True):
+        big = q.float().abs() > 1e-3
+        if big.any():
+            ratio = p.float()[big] / q.float()[big]
+            assert ratio.sub(0.01).abs().max() < 0.01 * 0.02, float(ratio.max())
+            checked += 1
+    assert checked > 0
+
+
+def test_a_group_of_one_modality_and_other_parameters_takes_the_exact_general_path() -> None:
+    def make_opt(groups: list[dict[str, object]]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(groups, lr=1e-2)
+
+    model = make_model(F64)
+    ref = reference_run(copy.deepcopy(model), make_opt, SCHEDULE)
+    groups = [
+        {"params": [*model.enc["a"].parameters(), *model.head.parameters()]},  # a + unmodulated
+        {"params": list(model.enc["b"].parameters())},
+        {"params": list(model.enc["c"].parameters())},
+    ]
+    opt = make_opt(groups)
+    ctx = gradmod.ModulationContext(
+        model, encoders=ENC, method=FixedMethod(SCHEDULE), act="update", optimizer=opt
+    )
+    for t in range(len(SCHEDULE)):
+        xs, y = batch(seed=t, dtype=F64)
+        loss, feats = loss_of(model, xs, y)
+        with ctx(features=feats, targets=y):
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert_same(model, ref, exact=False)
+
+
+def test_the_second_step_after_one_block_is_unscaled_and_pending_is_reported() -> None:
+    model = make_model(F64)
+    opt = torch.optim.SGD(per_modality_groups(model), lr=0.1)
+    ctx = gradmod.ModulationContext(
+        model, encoders=ENC, method=FixedMethod([[0.0, 0.0, 0.0]]), act="update", optimizer=opt
+    )
+    xs, y = batch(dtype=F64)
+    loss, feats = loss_of(model, xs, y)
+    assert ctx.pending_update is None
+    with ctx(features=feats, targets=y):
+        loss.backward()
+    assert ctx.pending_update is not None and ctx.pending_update.tolist() == [0.0] * 3
+    before = copy.deepcopy(model)
+    opt.step()  # k = 0: the encoders do not move
+    assert torch.equal(model.enc["a"][0].weight, before.enc["a"][0].weight)
+    assert ctx.pending_update is None
+    opt.step()  # no block since: an unscaled step on the same gradients
+    assert not torch.equal(model.enc["a"][0].weight, before.enc["a"][0].weight)
+
+
+def test_optimizer_state_loaded_after_construction_keeps_the_step_exact() -> None:
+    """opt.load_state_dict replaces the param-group dicts: the layout is read again."""
+    make_opt = OPTIMIZERS["adam"]
+    model = make_model(F64)
+    ref = reference_run(copy.deepcopy(model), make_opt, SCHEDULE)
+    opt = make_opt(per_modality_groups(model))
+    ctx = gradmod.ModulationContext(
+        model, encoders=ENC, method=FixedMethod(SCHEDULE), act="update", optimizer=opt
+    )
+    opt.load_state_dict(make_opt(per_modality_groups(make_model(F64))).state_dict())
+    for t in range(len(SCHEDULE)):
+        xs, y = batch(seed=t, dtype=F64)
+        loss, feats = loss_of(model, xs, y)
+        with ctx(features=feats, targets=y):
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert_same(model, ref, exact=True)

@@ -42,13 +42,15 @@ class Fixed(Method):
         super().__init__()
         self._fn: Schedule | None = None
         self._values: Mapping[str, float] | Sequence[float] | None = None
+        self._cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         if callable(coefficients):
             self._fn = coefficients
         else:
-            problems = _value_problems(coefficients)
+            values = _plain(coefficients)
+            problems = _value_problems(values)
             if problems:
                 raise ConfigurationError(problems)
-            self._values = coefficients
+            self._values = values  # type: ignore[assignment]
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def extra_repr(self) -> str:
@@ -75,42 +77,70 @@ class Fixed(Method):
 
     def plan(self, binding: Binding, step: Step) -> StepPlan:
         dtype = torch.float32 if binding.device.type == "mps" else torch.float64
-        step_index = int(self.steps)
-        values = self._fn(step_index) if self._fn is not None else self._values
-        assert values is not None
-        if isinstance(values, Tensor):
-            k = values.detach().to(binding.device, dtype).reshape(-1)
-            if k.shape != (len(binding.names),) or not bool((torch.isfinite(k) & (k >= 0)).all()):
-                raise StepError(
-                    f"Fixed: the schedule returned {tuple(values.shape)} values at step "
-                    f"{step_index}; expected {len(binding.names)} finite numbers >= 0"
-                )
+        step_index = int(self.steps)  # a host-side counter: no device sync
+        if self._fn is None:
+            k = self._constant(binding, dtype)
         else:
-            problems = _value_problems(values)
-            if isinstance(values, Mapping):
-                missing = [n for n in binding.names if n not in values]
-                if missing:
-                    problems.append(f"no coefficient for {missing}")
-                seq = [values.get(n, math.nan) for n in binding.names]
-            else:
-                seq = list(values)
-                if len(seq) != len(binding.names):
-                    problems.append(f"{len(seq)} values for {len(binding.names)} modalities")
-            if problems:
-                raise StepError(f"Fixed: at step {step_index}: " + "; ".join(problems))
-            k = torch.tensor(seq, device=binding.device, dtype=dtype)
+            k = self._scheduled(binding, dtype, step_index)
 
         def commit() -> None:
             self.steps += 1
 
         return StepPlan(k, commit=commit)
 
+    def _constant(self, binding: Binding, dtype: torch.dtype) -> Tensor:
+        """The constants as a tensor, built once per device and dtype."""
+        key = (binding.device, dtype)
+        k = self._cache.get(key)
+        if k is None:
+            values = self._values
+            assert values is not None
+            seq = (
+                [values[n] for n in binding.names] if isinstance(values, Mapping) else list(values)
+            )
+            k = self._cache[key] = torch.tensor(seq, device=binding.device, dtype=dtype)
+        return k
+
+    def _scheduled(self, binding: Binding, dtype: torch.dtype, step_index: int) -> Tensor:
+        """The schedule's values at ``step_index``, checked (a tensor is checked on the device:
+        one host sync)."""
+        assert self._fn is not None
+        returned = self._fn(step_index)
+        if isinstance(returned, Tensor):
+            k = returned.detach().to(binding.device, dtype).reshape(-1)
+            if k.shape != (len(binding.names),) or not bool((torch.isfinite(k) & (k >= 0)).all()):
+                raise StepError(
+                    f"Fixed: the schedule returned {tuple(returned.shape)} values at step "
+                    f"{step_index}; expected {len(binding.names)} finite numbers >= 0"
+                )
+            return k
+        values = _plain(returned)
+        problems = _value_problems(values)
+        if isinstance(values, Mapping):
+            missing = [n for n in binding.names if n not in values]
+            extra = [n for n in values if n not in binding.names]
+            if missing or extra:
+                problems.append(f"modalities missing: {missing}, unknown: {extra}")
+            seq = [values.get(n, math.nan) for n in binding.names]
+        else:
+            seq = list(values) if isinstance(values, Sequence) else []
+            if len(seq) != len(binding.names):
+                problems.append(f"{len(seq)} values for {len(binding.names)} modalities")
+        if problems:
+            raise StepError(f"Fixed: at step {step_index}: " + "; ".join(problems))
+        return torch.tensor(seq, device=binding.device, dtype=dtype)
+
+
+def _plain(values: object) -> object:
+    """Tensors and numpy arrays as Python lists (a 0-d one stays a scalar: refused)."""
+    if not isinstance(values, Mapping) and hasattr(values, "tolist"):
+        return values.tolist()
+    return values
+
 
 def _value_problems(values: object) -> list[str]:
     if isinstance(values, Mapping):
         items: list[tuple[object, object]] = list(values.items())
-    elif isinstance(values, Tensor):
-        items = list(enumerate(values.detach().reshape(-1).tolist()))
     elif isinstance(values, Sequence) and not isinstance(values, str):
         items = list(enumerate(values))
     else:

@@ -171,8 +171,10 @@ class MLB(MultiLoss):
             (:func:`gradmod.functional.mlb_coefficients`): ``"boost"`` scales a head's boost by
             how far it is above chance, relative to the best head; ``"both"`` also scales the
             slowing of a modality by how far the OTHER heads are above chance. Chance is the
-            mean true-class probability of a head predicting the batch's label frequencies
-            (global under DDP). Classification only. ``None``: MLB as published.
+            mean true-class probability of a head predicting the label prior,
+            :math:`\sum_c \pi_c^2`, estimated without bias from the global batch's label counts
+            (:math:`\sum_c n_c(n_c - 1) / (n(n-1))`). Classification only. ``None``: MLB as
+            published.
         scale: what :math:`k_m` multiplies. ``"encoder"`` (default): encoder ``m``'s gradient,
             including the part that comes from its own unimodal loss. ``"official"``: also
             head ``m``'s gradient and modality ``m``'s column block of a linear fusion head
@@ -253,15 +255,17 @@ class MLB(MultiLoss):
         scores = global_mean(per_sample, step.reduce, like)
         chance = None
         if self.gate is not None:
-            # the mean true-class probability of a head that predicts the label frequencies:
-            # sum_c pi_c^2, from the global batch's label counts
+            # the mean true-class probability of a head that predicts the label prior pi:
+            # sum_c pi_c^2, estimated without bias from the global batch's label counts n_c as
+            # sum_c n_c (n_c - 1) / (n (n - 1)) (the plug-in sum of squared frequencies is
+            # biased up by (1 - sum pi^2) / n: many classes and small batches would hide a head)
             y = step.targets.reshape(-1).long()
             counts = like.new_zeros(outputs[0].shape[-1]).index_add_(
                 0, y, torch.ones(y.shape, dtype=like.dtype, device=like.device)
             )  # a fixed size: no host sync (torch.bincount sizes by the largest label)
             counts = step.reduce(counts)
-            pi = counts / counts.sum().clamp_min(1.0)
-            chance = (pi * pi).sum()
+            n = counts.sum()
+            chance = (counts * (counts - 1)).sum() / (n * (n - 1)).clamp_min(1.0)
         return GF.mlb_coefficients(
             scores,
             alpha=self.alpha,

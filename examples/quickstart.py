@@ -25,17 +25,19 @@ class LateFusion(nn.Module):
 def batch(n=64):
     y = torch.randint(0, 5, (n,))
     xa = torch.randn(n, 20) + F.pad(3.0 * F.one_hot(y, 5), (0, 15))  # a clear signal
-    xv = torch.randn(n, 30) + F.pad(0.5 * F.one_hot(y, 5), (0, 25))  # a faint one
+    xv = torch.randn(n, 30) + F.pad(1.0 * F.one_hot(y, 5), (0, 25))  # a fainter one
     return xa, xv, y
 
 
 model = LateFusion()
 # One unimodal head per modality, on the live encoder output: its loss joins the objective.
 heads = {m: nn.Linear(32, 5) for m in ("audio", "video")}
+head_params = [p for h in heads.values() for p in h.parameters()]
+optimizer = torch.optim.Adam([*model.parameters(), *head_params], lr=1e-3)
 # Encoders default to the model's submodules named like the head keys (model.audio, ...), and
-# the method to gradmod.balanced(), the recommended configuration.
-ctx = gradmod.ModulationContext(model, heads)
-optimizer = torch.optim.Adam([*model.parameters(), *ctx.classifier_parameters()], lr=1e-3)
+# the method to gradmod.balanced(), the recommended configuration. Given the optimizer, the
+# coefficients scale each modality's update, where Adam cannot cancel them.
+ctx = gradmod.ModulationContext(model, heads, optimizer=optimizer)
 
 for _ in range(100):
     xa, xv, y = batch()

@@ -125,14 +125,16 @@ class ModulationContext:
         process_group: the ``torch.distributed`` group over which scores and head gradients
             are reduced (default: the world, when initialised with > 1 rank).
         allow_frozen: skip, instead of refusing, frozen parameters in an encoder group.
-        act: where the coefficients act. ``"gradient"`` (default): on the encoders' gradients,
-            inside backward. ``"update"``: on the encoders' parameter *updates*, in the next
+        act: where the coefficients act. ``"gradient"``: on the encoders' gradients, inside
+            backward. ``"update"``: on the encoders' parameter *updates*, in the next
             ``optimizer.step()`` — modality ``m``'s update is the one its parameters would get
             with their learning rate multiplied by ``k_m`` (the mean of the coefficients of the
             blocks since the last step), on unscaled gradients, so an adaptive optimizer (Adam,
-            AdamW) cannot cancel it. Needs ``optimizer=``; the method's own gradients (head
-            losses, direction loss) are still added inside backward, unscaled.
-        optimizer: the optimizer that steps the encoders (``act="update"`` only).
+            AdamW) cannot cancel it; the method's own gradients (head losses, direction loss)
+            are still added inside backward, unscaled. Default (``None``): ``"update"`` when an
+            ``optimizer`` is given, else ``"gradient"``.
+        optimizer: the optimizer that steps the encoders: puts the coefficients on its updates
+            (the recommended use; ``act="gradient"`` with an optimizer is refused as ambiguous).
         features, targets: this step's inputs, for one-shot use
             (``with ModulationContext(model, heads, features=f, targets=y): loss.backward()``);
             usually given by calling the context, ``with ctx(features=..., targets=...)``.
@@ -153,7 +155,7 @@ class ModulationContext:
         grad_scaler: Any = None,
         process_group: Any = None,
         allow_frozen: bool = False,
-        act: Act = "gradient",
+        act: Act | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         features: Mapping[str, Tensor] | None = None,
         targets: Tensor | None = None,
@@ -173,6 +175,8 @@ class ModulationContext:
                 f"mode={mode!r} does not apply: leave mode unset"
             )
         resolved_mode: Mode = "feature" if mode == "feature" else "parameter"
+        if act is None:
+            act = "update" if optimizer is not None else "gradient"
         if act not in ("gradient", "update"):
             problems.append(f"act must be 'gradient' or 'update'; got {act!r}")
         if act == "update" and self.method.level == "responses":
@@ -180,9 +184,10 @@ class ModulationContext:
                 f"{who} scales the gradients of its responses, which reach the fusion head as "
                 "well as the encoders: it has no per-modality update; use act='gradient'"
             )
-        if act != "update" and optimizer is not None:
+        if act == "gradient" and optimizer is not None:
             problems.append(
-                "optimizer= is used by act='update' only: pass act='update', or drop it"
+                "optimizer= puts the coefficients on its updates, but act='gradient' was asked "
+                "for: drop one of them"
             )
         if encoders is None:
             if classifiers is None:

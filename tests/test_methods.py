@@ -812,17 +812,20 @@ def test_method_coefficients_follow_the_modality_order(kind: str) -> None:
 def test_balanced_is_the_measured_mlb_configuration() -> None:
     method = gradmod.balanced()
     assert isinstance(method, gradmod.MLB)
-    assert (method.alpha, method.scale, method.beta, method.direction) == (
+    assert (method.alpha, method.scale, method.beta, method.direction, method.gate) == (
         0.8,
         "encoder",
         None,
         0.0,
+        "both",
     )
-    assert gradmod.balanced(task="regression", alpha=1.0).task == "regression"
+    regression = gradmod.balanced(task="regression", alpha=1.0)
+    assert regression.task == "regression" and regression.gate is None  # no chance level
+    method = gradmod.balanced(gate=None)  # MLB as published, for the reference below
     # it runs as any method: the step matches the MLB reference
     names = ("a", "b", "c")
     model, heads = make(names), linear_heads(names)
-    ctx = ctx_for(model, gradmod.balanced(), heads)
+    ctx = ctx_for(model, method, heads)
     xs, y = data(names)
     k_ref, g_ref, _ = multiloss_reference(model, heads, xs, y, alpha=0.8, official=False)
     xd, yd = dev(xs, y)

@@ -442,8 +442,10 @@ def test_update_level_configuration_errors() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(gradmod.ConfigurationError, match="needs optimizer="):
         _ctx(model, FixedMethod([[1.0] * 3]), act="update")
-    with pytest.raises(gradmod.ConfigurationError, match="used by act='update' only"):
-        _ctx(model, FixedMethod([[1.0] * 3]), optimizer=opt)
+    with pytest.raises(gradmod.ConfigurationError, match="act='gradient' was asked"):
+        _ctx(model, FixedMethod([[1.0] * 3]), act="gradient", optimizer=opt)
+    assert _ctx(model, FixedMethod([[1.0] * 3]), optimizer=opt).act == "update"  # the default
+    opt.zero_grad()
     with pytest.raises(gradmod.ConfigurationError, match="act must be"):
         _ctx(model, FixedMethod([[1.0] * 3]), act="step")
     head_only = torch.optim.SGD(model.head.parameters(), lr=0.1)

@@ -25,7 +25,7 @@ class LateFusion(nn.Module):
 def batch(n=64):
     y = torch.randint(0, 5, (n,))
     xa = torch.randn(n, 20) + F.pad(3.0 * F.one_hot(y, 5), (0, 15))  # a clear signal
-    xv = torch.randn(n, 30) + F.pad(1.0 * F.one_hot(y, 5), (0, 25))  # a fainter one
+    xv = torch.randn(n, 30) + F.pad(0.5 * F.one_hot(y, 5), (0, 25))  # a faint one
     return xa, xv, y
 
 

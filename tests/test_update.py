@@ -60,6 +60,19 @@ def reference_run(
     return model
 
 
+def train(
+    model: MultiModal, ctx: gradmod.ModulationContext, opt: torch.optim.Optimizer, n: int
+) -> None:
+    """``n`` modulated steps on batches 0..n-1: block around backward, then the step."""
+    for t in range(n):
+        xs, y = batch(seed=t, dtype=F64)
+        loss, feats = loss_of(model, xs, y)
+        with ctx(features=feats, targets=y):
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def gradmod_run(
     model: MultiModal,
     make_opt: OptFactory,
@@ -77,13 +90,7 @@ def gradmod_run(
         optimizer=opt,
         mode=mode,  # type: ignore[arg-type]
     )
-    for t in range(len(steps)):
-        xs, y = batch(seed=t, dtype=F64)
-        loss, feats = loss_of(model, xs, y)
-        with ctx(features=feats, targets=y):
-            loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train(model, ctx, opt, len(steps))
     return model, opt
 
 
@@ -116,13 +123,7 @@ def test_update_differs_from_the_gradient_level_under_adam() -> None:
     grad = copy.deepcopy(start)
     opt = make_opt([{"params": list(grad.parameters())}])
     ctx = gradmod.ModulationContext(grad, encoders=ENC, method=FixedMethod(constant))
-    for t in range(4):
-        xs, y = batch(seed=t, dtype=F64)
-        loss, feats = loss_of(grad, xs, y)
-        with ctx(features=feats, targets=y):
-            loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train(grad, ctx, opt, 4)
 
     def moved(model: MultiModal) -> float:
         return float((model.enc["a"][0].weight - start.enc["a"][0].weight).detach().norm())
@@ -627,13 +628,7 @@ def test_a_group_of_one_modality_and_other_parameters_takes_the_exact_general_pa
     ctx = gradmod.ModulationContext(
         model, encoders=ENC, method=FixedMethod(SCHEDULE), act="update", optimizer=opt
     )
-    for t in range(len(SCHEDULE)):
-        xs, y = batch(seed=t, dtype=F64)
-        loss, feats = loss_of(model, xs, y)
-        with ctx(features=feats, targets=y):
-            loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train(model, ctx, opt, len(SCHEDULE))
     assert_same(model, ref, exact=False)
 
 
@@ -667,11 +662,5 @@ def test_optimizer_state_loaded_after_construction_keeps_the_step_exact() -> Non
         model, encoders=ENC, method=FixedMethod(SCHEDULE), act="update", optimizer=opt
     )
     opt.load_state_dict(make_opt(per_modality_groups(make_model(F64))).state_dict())
-    for t in range(len(SCHEDULE)):
-        xs, y = batch(seed=t, dtype=F64)
-        loss, feats = loss_of(model, xs, y)
-        with ctx(features=feats, targets=y):
-            loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train(model, ctx, opt, len(SCHEDULE))
     assert_same(model, ref, exact=True)

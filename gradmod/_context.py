@@ -30,16 +30,15 @@ from ._hooks import CONFLICT, HookSet
 from ._recommended import balanced
 from ._update import UpdateLevel, check_optimizer
 from ._validate import (
+    ParameterWatch,
     check_classifiers,
     check_ddp_heads,
     check_feature_graph,
     check_features,
-    check_parameters,
     check_targets,
-    coef_dtype,
     slot_list,
 )
-from .methods import Binding, Method, Step, StepPlan
+from .methods import Binding, Method, Step, StepPlan, coefficient_dtype
 
 __all__ = ["Act", "Mode", "ModulationContext"]
 
@@ -248,7 +247,7 @@ class ModulationContext:
         self.process_group = process_group
         self._model = root
         # float64: exact for float64 models; a 0-d factor never promotes a bf16/fp32 gradient.
-        self._coeffs = torch.ones(len(names), device=device, dtype=coef_dtype(device))
+        self._coeffs = torch.ones(len(names), device=device, dtype=coefficient_dtype(device))
         self._update: UpdateLevel | None = None
         if act == "update":
             assert optimizer is not None
@@ -260,19 +259,17 @@ class ModulationContext:
                 active=lambda: (c := me()) is not None and c._plan is not None,
             )
         self._hooks = HookSet(self._hook_coefficients())
-        self._slots = slot_list(root, slots, groups)
-        self._skipped = skipped
-        self._hooked = (
+        hooked = (
             [t for ts in self._targets.encoders.values() for t in ts]
             if self.method.level == "encoders" and self.mode == "parameter" and act == "gradient"
             else []
-        )
+        )  # tensors that get a parameter hook: they must keep requiring grad
+        self._watch = ParameterWatch(slot_list(root, slots, groups), skipped, hooked)
         # Where no parameter hook holds the encoders (feature mode, response-level methods, the
         # update level), each group is held by a pass-through marker on its first parameter (one
         # call per modality and backward); every group parameter is checked for another context
         # on entering.
         self._members = [p for ps in groups.values() for p in ps]
-        self._target_tensors = [t for ts in self._targets.encoders.values() for t in ts]
         self._lock = threading.Lock()
         self._closed = False
         self._boundary = True
@@ -521,10 +518,10 @@ class ModulationContext:
 
     def _follow_device(self) -> None:
         """Move the coefficients (and hooks) to the encoders' device if the model moved."""
-        device = self._target_tensors[0].device if self._target_tensors else self._coeffs.device
+        device = self._members[0].device if self._members else self._coeffs.device
         if device == self._coeffs.device:
             return
-        self._coeffs = torch.ones(len(self.names), device=device, dtype=coef_dtype(device))
+        self._coeffs = torch.ones(len(self.names), device=device, dtype=coefficient_dtype(device))
         self._hooks = HookSet(self._hook_coefficients())
         self._binding = dataclasses.replace(self._binding, device=device)
 
@@ -556,7 +553,7 @@ class ModulationContext:
         self, features: Mapping[str, Tensor] | None, targets: Tensor | None, boundary: bool
     ) -> Step:
         """Validate one step's inputs before anything is touched."""
-        problems = check_parameters(self._slots, self._skipped, self._hooked)
+        problems = self._watch.problems()
         if targets is None:
             problems.append("no targets for this step: enter with ctx(features=..., targets=y)")
         elif not isinstance(targets, Tensor):

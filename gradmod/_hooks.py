@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -20,6 +22,9 @@ __all__ = ["CONFLICT", "KEY", "HookSet"]
 #: claim that keeps two active contexts from modulating the same parameter. It lives only inside
 #: the block, and torch never pickles tensor hooks: nothing of it survives ``torch.save``.
 KEY = "gradmod.modulation"
+
+
+_HOOK_DICT = operator.attrgetter("_backward_hooks")
 
 
 def _identity(grad: Tensor) -> Tensor:
@@ -101,12 +106,10 @@ class HookSet:
 
     @staticmethod
     def held_elsewhere(tensors: Sequence[Tensor]) -> bool:
-        """Whether another active context holds any of ``tensors`` (checked before planning)."""
-        for t in tensors:
-            hooks = getattr(t, "_backward_hooks", None)
-            if hooks is not None and KEY in hooks:
-                return True
-        return False
+        """Whether another active context holds any of ``tensors`` (checked before planning):
+        one C-level pass over their hook dicts (``None`` where a tensor never had a hook)."""
+        dicts = filter(None, map(_HOOK_DICT, tensors))
+        return any(map(operator.contains, dicts, itertools.repeat(KEY)))
 
     def claim(self, tensors: Sequence[Tensor]) -> None:
         """Mark ``tensors`` as held by this context without changing their gradients."""

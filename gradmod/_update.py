@@ -151,7 +151,8 @@ class UpdateLevel:
         self._names = list(names)
         self._layout: tuple[tuple[int, int], ...] | None = None
         self._fast: list[tuple[dict[str, Any], int]] = []
-        self._mixed: list[list[Tensor]] = [[] for _ in self._modality]
+        # the general path's tensors, one list per (modality, dtype, device): one foreach each
+        self._mixed: list[tuple[int, list[Tensor]]] = []
         self._check_layout()
         # the window (state_dict: ``sum``, ``count``, ``complete``)
         self.sum: Tensor | None = None
@@ -173,7 +174,7 @@ class UpdateLevel:
         if layout == self._layout:
             return
         fast: list[tuple[dict[str, Any], int]] = []
-        mixed: list[list[Tensor]] = [[] for _ in self._modality]
+        mixed: dict[tuple[int, torch.dtype, torch.device], list[Tensor]] = {}
         problems: list[str] = []
         for g in opt.param_groups:
             owners = {self._index.get(id(p)) for p in g["params"]}
@@ -195,10 +196,11 @@ class UpdateLevel:
             for p in g["params"]:
                 m = self._index.get(id(p))
                 if m is not None:
-                    mixed[m].append(p)
+                    mixed.setdefault((m, p.dtype, p.device), []).append(p)
         if problems:
             raise ConfigurationError(problems)
-        self._layout, self._fast, self._mixed = layout, fast, mixed
+        self._layout, self._fast = layout, fast
+        self._mixed = [(m, ps) for (m, _, _), ps in mixed.items()]
 
     # --------------------------------------------------------------------------- window
     def record(self, coefficients: Tensor, boundary: bool) -> None:
@@ -237,14 +239,10 @@ class UpdateLevel:
             lr = g["lr"]
             self._restore.append((g, lr))
             g["lr"] = lr * k[m].to(lr) if isinstance(lr, Tensor) else lr * values[m]
-        for m, ps in enumerate(self._mixed):
-            by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-            for p in ps:
-                by_kind.setdefault((p.dtype, p.device), []).append(p)
-            for (dtype, device), same in by_kind.items():
-                with torch.no_grad():
-                    snap = [p.detach().clone() for p in same]
-                self._snapshots.append((same, snap, k[m].to(device, dtype)))
+        for m, ps in self._mixed:
+            with torch.no_grad():
+                snap = list(torch._foreach_mul(ps, 1.0))  # one copy, one foreach
+            self._snapshots.append((ps, snap, k[m].to(ps[0].device, ps[0].dtype)))
 
     def after_step(self) -> None:
         with torch.no_grad():

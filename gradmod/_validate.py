@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ._errors import ConfigurationError
@@ -13,6 +13,7 @@ from ._groups import Slot, reachable_leaves
 from .methods import Binding, Method, Targets
 
 __all__ = [
+    "ParameterWatch",
     "check_classifiers",
     "check_ddp_heads",
     "check_feature_graph",
@@ -98,17 +99,46 @@ def check_targets(method: Method, binding: Binding, problems: list[str]) -> Targ
     return targets
 
 
+class ParameterWatch:
+    """Encoder parameters changed since the context was built, checked at every step.
+
+    ``slots``: where each encoder parameter and the modules above it were registered;
+    ``skipped``: the frozen parameters ``allow_frozen=True`` left out; ``hooked``: the tensors
+    that get a parameter hook. The common case (nothing changed) is three C-level passes over
+    prebuilt lists: no Python frame per parameter, no host sync.
+    """
+
+    def __init__(
+        self, slots: Sequence[Registration], skipped: Sequence[Tensor], hooked: Sequence[Tensor]
+    ) -> None:
+        self._dicts = [d for d, _, _ in slots]
+        self._keys = [k for _, k, _ in slots]
+        self._objects = [o for _, _, o in slots]
+        self._skipped = list(skipped)
+        self._hooked = list(hooked)
+
+    def problems(self) -> list[str]:
+        grad = operator.attrgetter("requires_grad")
+        current = map(dict.get, self._dicts, self._keys)
+        if (
+            not any(map(operator.is_not, current, self._objects))
+            and not any(map(grad, self._skipped))
+            and all(map(grad, self._hooked))
+        ):
+            return []
+        return check_parameters(
+            list(zip(self._dicts, self._keys, self._objects, strict=True)),
+            self._skipped,
+            self._hooked,
+        )
+
+
 def check_parameters(
     slots: Sequence[Registration],
     skipped: Sequence[Tensor],
     hooked: Sequence[Tensor],
 ) -> list[str]:
-    """Encoder parameters changed since the context was built (one pass, no host sync).
-
-    ``slots``: where each encoder parameter and the modules above it were registered;
-    ``skipped``: the frozen parameters ``allow_frozen=True`` left out; ``hooked``: the tensors
-    that get a parameter hook.
-    """
+    """The problems :class:`ParameterWatch` found, described."""
     problems: list[str] = []
     replaced = sum(1 for d, k, p in slots if d.get(k) is not p)
     if replaced:
@@ -238,8 +268,3 @@ def slot_list(
                         out.append((parent._modules, name, child))
                     parent = child
     return out
-
-
-def coef_dtype(device: torch.device) -> torch.dtype:
-    """The coefficients' dtype: float64, except where the device has none (MPS)."""
-    return torch.float32 if device.type == "mps" else torch.float64

@@ -11,6 +11,7 @@ from ._base import (
     Step,
     StepPlan,
     Targets,
+    coefficient_dtype,
 )
 from ._cggm import CGGM
 from ._fixed import Fixed
@@ -33,4 +34,5 @@ __all__ = [
     "Step",
     "StepPlan",
     "Targets",
+    "coefficient_dtype",
 ]

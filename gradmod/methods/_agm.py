@@ -7,7 +7,15 @@ from torch import Tensor
 
 from .. import functional as GF
 from ._args import check_args
-from ._base import Binding, Method, Step, StepPlan, class_index_problem
+from ._base import (
+    Binding,
+    Method,
+    Step,
+    StepPlan,
+    class_index_problem,
+    coefficient_dtype,
+    finite_step,
+)
 from ._heads import global_mean
 
 __all__ = ["AGM"]
@@ -111,7 +119,7 @@ class AGM(Method):
     def plan(self, binding: Binding, step: Step) -> StepPlan:
         names = binding.names
         m = len(names)
-        dtype = torch.float32 if binding.device.type == "mps" else torch.float64
+        dtype = coefficient_dtype(binding.device)
         if self.score_sum.shape != (m,):
             if int(self.steps) > 0:
                 raise ValueError(
@@ -140,8 +148,7 @@ class AGM(Method):
                 cap=self.exponent_cap(m),
                 symmetric=not self.official,
             )
-            ok = torch.isfinite(scores).all() & torch.isfinite(k).all()
-            k = torch.where(ok, k, torch.ones_like(k))
+            k, ok = finite_step(k, scores)
 
         def commit() -> None:
             with torch.no_grad():

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 __all__ = [
     "Binding",
     "class_index_problem",
-    "finite_or",
+    "coefficient_dtype",
+    "finite_step",
     "GradTransform",
     "Injection",
     "Level",
@@ -235,6 +236,16 @@ def class_index_problem(who: str, targets: Tensor, batch: int | None) -> list[st
     return []
 
 
-def finite_or(new: Tensor, old: Tensor) -> Tensor:
-    """``new`` where every entry of it is finite, else ``old`` (all or nothing, no host sync)."""
-    return torch.where(torch.isfinite(new).all(), new, old.to(new.dtype))
+def coefficient_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of coefficients and scores: float64, except where the device has none (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def finite_step(coefficients: Tensor, *scores: Tensor) -> tuple[Tensor, Tensor]:
+    """``(coefficients, ok)``: ``ok`` is a 0-d bool, whether the coefficients and every score are
+    finite; where not, the coefficients are ones (a neutral step). No host synchronisation: a
+    method keeps its state with ``torch.where(ok, new, old)`` in its commit."""
+    ok = torch.isfinite(coefficients).all()
+    for s in scores:
+        ok = ok & torch.isfinite(s).all()
+    return torch.where(ok, coefficients, torch.ones_like(coefficients)), ok

@@ -11,7 +11,16 @@ from torch import Tensor
 
 from .. import functional as GF
 from ._args import check_args
-from ._base import Binding, Injection, Method, Step, StepPlan, class_index_problem
+from ._base import (
+    Binding,
+    Injection,
+    Method,
+    Step,
+    StepPlan,
+    class_index_problem,
+    coefficient_dtype,
+    finite_step,
+)
 from ._direction import WHAT, check_direction, direction_gradient, head_matrices
 from ._heads import global_mean, run_heads
 
@@ -167,7 +176,7 @@ class CGGM(Method):
                 f"this CGGM instance holds state for {self.previous.numel()} modalities but is "
                 f"used with {m}; call reset() or use a new instance"
             )
-        dtype = torch.float32 if device.type == "mps" else torch.float64
+        dtype = coefficient_dtype(device)
         self.previous = torch.zeros(m, device=device, dtype=dtype)
         self.last_b = torch.full((m,), (m - 1) / m, device=device, dtype=dtype)
         self.last_coefficients = torch.ones(m, device=device, dtype=dtype)
@@ -207,9 +216,8 @@ class CGGM(Method):
             b = GF.improvement_rate_scale(
                 self.previous, metric, rho=1.0, policy=policy, zero_tol=self.zero_tol
             )
-            ok = torch.isfinite(metric).all() & torch.isfinite(b).all()
+            coefficients, ok = finite_step(self.rho * b, metric, b)
             b = torch.where(ok, b, torch.zeros_like(b))  # a neutral step: no direction loss
-            coefficients = torch.where(ok, self.rho * b, torch.ones_like(b))
 
         inject: list[Injection] = []
         snapshot: tuple[Tensor, Tensor] | None = None

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._errors import ConfigurationError, StepError
-from ._base import Binding, Method, Step, StepPlan
+from ._base import Binding, Method, Step, StepPlan, coefficient_dtype
 
 __all__ = ["Fixed"]
 
@@ -76,7 +76,7 @@ class Fixed(Method):
         return []
 
     def plan(self, binding: Binding, step: Step) -> StepPlan:
-        dtype = torch.float32 if binding.device.type == "mps" else torch.float64
+        dtype = coefficient_dtype(binding.device)
         step_index = int(self.steps)  # a host-side counter: no device sync
         if self._fn is None:
             k = self._constant(binding, dtype)

@@ -11,7 +11,17 @@ from torch import Tensor, nn
 
 from .. import functional as GF
 from ._args import Check, check_args
-from ._base import Binding, Injection, Method, Step, StepPlan, Targets, class_index_problem
+from ._base import (
+    Binding,
+    Injection,
+    Method,
+    Step,
+    StepPlan,
+    Targets,
+    class_index_problem,
+    coefficient_dtype,
+    finite_step,
+)
 from ._direction import check_direction, direction_injection
 from ._heads import global_mean, run_heads
 
@@ -116,7 +126,7 @@ class MultiLoss(Method):
         assert binding.classifiers is not None
         names = binding.names
         m = len(names)
-        dtype = torch.float32 if binding.device.type == "mps" else torch.float64
+        dtype = coefficient_dtype(binding.device)
         like = torch.zeros(m, device=binding.device, dtype=dtype)
         run = run_heads(
             [binding.classifiers[n] for n in names],
@@ -128,8 +138,7 @@ class MultiLoss(Method):
         )
         with torch.no_grad():
             k = self.coefficients(run.outputs, step, like)
-            ok = torch.isfinite(k).all()
-            k = torch.where(ok, k, torch.ones_like(k))
+            k, ok = finite_step(k)
         accumulate = [
             (p, self._scale_head_grad(g, k[i]))
             for i, pairs in enumerate(run.param_grads)

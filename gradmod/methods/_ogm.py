@@ -11,7 +11,16 @@ from torch import Tensor, nn
 from .. import functional as GF
 from .._errors import StepError
 from ._args import check_args
-from ._base import Binding, Method, Step, StepPlan, Targets, class_index_problem
+from ._base import (
+    Binding,
+    Method,
+    Step,
+    StepPlan,
+    Targets,
+    class_index_problem,
+    coefficient_dtype,
+    finite_step,
+)
 
 __all__ = ["OGMGE"]
 
@@ -198,7 +207,7 @@ class OGMGE(Method):
 
     def plan(self, binding: Binding, step: Step) -> StepPlan:
         names = binding.names
-        dtype = torch.float32 if binding.device.type == "mps" else torch.float64
+        dtype = coefficient_dtype(binding.device)
         logits = self.unimodal_logits(binding, [step.features[n] for n in names])
         with torch.no_grad():
             sums = torch.stack(
@@ -211,8 +220,7 @@ class OGMGE(Method):
                 if active
                 else torch.ones_like(scores)
             )
-            ok = torch.isfinite(scores).all() & torch.isfinite(k).all()
-            k = torch.where(ok, k, torch.ones_like(k))
+            k, ok = finite_step(k, scores)
         noisy = self.ge and active
         block = _NoiseBlock(
             self,

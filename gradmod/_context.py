@@ -44,7 +44,7 @@ __all__ = ["Act", "Mode", "ModulationContext"]
 
 Mode = Literal["parameter", "feature"]
 Act = Literal["gradient", "update"]
-_Inputs = tuple[Mapping[str, Tensor] | None, Tensor | None, bool, float]
+_Inputs = tuple[Mapping[str, Tensor] | None, Tensor | None, bool, float | None]
 
 
 class _Block:
@@ -257,6 +257,7 @@ class ModulationContext:
                 [self._targets.encoders.get(n, []) for n in names],
                 names,
                 active=lambda: (c := me()) is not None and c._plan is not None,
+                scaler=lambda: None if (c := me()) is None else c.grad_scaler,
             )
         self._hooks = HookSet(self._hook_coefficients())
         hooked = (
@@ -273,11 +274,13 @@ class ModulationContext:
         self._lock = threading.Lock()
         self._closed = False
         self._boundary = True
+        self._window_open = False  # a boundary=False block exited since the last boundary
         self._plan: StepPlan | None = None
+        self._scores: Mapping[str, Tensor] = {}
         self._weight = 1.0
         self._feature_checked = False
         self._one_shot: _Inputs | None = (
-            (features, targets, True, 1.0) if features is not None or targets is not None else None
+            (features, targets, True, None) if features is not None or targets is not None else None
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -307,6 +310,12 @@ class ModulationContext:
         copy): applied to that backward's gradients (``act="gradient"``), or recorded for the
         next optimizer step (``act="update"``, see :attr:`pending_update`)."""
         return self._coeffs.detach().clone()
+
+    @property
+    def scores(self) -> dict[str, Tensor]:
+        """What the method decided the latest block's coefficients from, by name (each ``[M]``,
+        copies), e.g. MLB's ``true_class_probability`` per head, CGGM's ``metric`` and ``b``."""
+        return {k: v.detach().clone() for k, v in self._scores.items()}
 
     @property
     def pending_update(self) -> Tensor | None:
@@ -390,7 +399,7 @@ class ModulationContext:
         targets: Tensor | None = None,
         *,
         boundary: bool = True,
-        weight: float = 1.0,
+        weight: float | None = None,
     ) -> _Block:
         """Give this step's inputs; returns the block to enter (``with ctx(...):``).
 
@@ -404,19 +413,25 @@ class ModulationContext:
                 ``act="update"`` the window whose mean coefficient the step applies (a block with
                 ``boundary=True`` closes it: pass ``False`` on every micro-batch but the last).
             weight: multiplies every gradient the method adds itself (head losses, direction
-                loss). With gradient accumulation over ``n`` micro-batches, if you divide your
-                loss by ``n``, pass ``weight=1/n`` so that those terms are divided alike.
+                loss); default 1. Under gradient accumulation over ``n`` micro-batches it is
+                required: ``weight=1/n`` if you divide your loss by ``n`` (those terms are then
+                divided alike), ``weight=1.0`` if you sum the micro-batch losses. A block of an
+                accumulation window (``boundary=False``, or the block that closes one) without
+                ``weight=`` is refused when the method adds gradients of its own.
 
         Raises:
             StepError: ``weight`` is not a finite number > 0.
         """
-        if isinstance(weight, bool) or not (
-            isinstance(weight, numbers.Real) and weight > 0 and math.isfinite(weight)
+        if weight is not None and (
+            isinstance(weight, bool)
+            or not (isinstance(weight, numbers.Real) and weight > 0 and math.isfinite(weight))
         ):
             raise StepError(
                 f"weight must be a finite number > 0 (1/n for n micro-batches); got {weight!r}"
             )
-        return _Block(self, (features, targets, bool(boundary), float(weight)))
+        return _Block(
+            self, (features, targets, bool(boundary), None if weight is None else float(weight))
+        )
 
     def __repr__(self) -> str:
         return (
@@ -427,7 +442,7 @@ class ModulationContext:
     def __enter__(self) -> ModulationContext:
         """Enter with the ``features`` and ``targets`` given to the constructor (one-shot use)."""
         inputs, self._one_shot = self._one_shot, None
-        self._enter(inputs if inputs is not None else (None, None, True, 1.0))
+        self._enter(inputs if inputs is not None else (None, None, True, None))
         return self
 
     def __exit__(
@@ -456,7 +471,9 @@ class ModulationContext:
                     "this ModulationContext was closed (or is a copy of an act='update' context, "
                     "which is not attached to any optimizer): build a new one"
                 )
-            features, targets, boundary, self._weight = inputs
+            features, targets, boundary, weight = inputs
+            explicit_weight = weight is not None
+            self._weight = weight if weight is not None else 1.0
             self._boundary = boundary
             if self._update is not None:
                 self._update.restore()  # a step that raised left a scaled learning rate behind
@@ -467,7 +484,9 @@ class ModulationContext:
                 raise ContextError(CONFLICT)
             plan = self.method.plan(self._binding, step)
             self._set_coefficients(plan)
-            self._register(feats, plan, step.loss_scale)
+            self._scores = plan.scores
+            self._check_weight(plan, boundary, explicit_weight)
+            self._register(feats, plan)
             self._plan = plan
         except BaseException:
             self._plan = None
@@ -511,8 +530,10 @@ class ModulationContext:
             )
             if plan.commit is not None:
                 plan.commit()
+            self._window_open = not self._boundary
             if self._update is not None:
-                self._update.record(self._coeffs, self._boundary)
+                adds = bool(plan.inject or plan.accumulate or plan.transform)
+                self._update.record(self._coeffs, self._boundary, adds)
         finally:
             self._lock.release()
 
@@ -566,15 +587,10 @@ class ModulationContext:
             self._targets.columns,
             problems,
         )
-        try:
-            loss_scale = _dist.loss_scale(self.grad_scaler)
-        except StepError as e:
-            problems.append(str(e))
-            loss_scale = None
         step = None
         if not problems:
             assert targets is not None
-            step = Step(features or {}, targets, self._reduce, boundary, loss_scale)
+            step = Step(features or {}, targets, self._reduce, boundary, self._loss_scale)
             problems.extend(self.method.check_step(self._binding, step))
         if problems:
             raise StepError("; ".join(problems))
@@ -584,12 +600,29 @@ class ModulationContext:
             self._feature_checked = True
         return step
 
+    def _check_weight(self, plan: StepPlan, boundary: bool, explicit: bool) -> None:
+        """Refuse a block of an accumulation window without ``weight=`` when the method adds
+        gradients of its own: whether the user's loss is divided by ``n`` is not knowable."""
+        if explicit or not (plan.inject or plan.accumulate):
+            return
+        if boundary and not self._window_open:
+            return
+        raise StepError(
+            f"gradient accumulation (a block with boundary=False{'' if not boundary else ' before this one'}) "
+            f"needs weight= on every block of the window: {type(self.method).__name__} adds "
+            "gradients of its own (head losses, direction loss) that must be divided like your "
+            "loss: pass weight=1/n if you divide the loss by the n micro-batches, weight=1.0 if "
+            "you sum them"
+        )
+
     def _reduce(self, t: Tensor) -> Tensor:
         return _dist.reduce_sum(t, self.process_group)
 
-    def _register(
-        self, features: Mapping[str, Tensor], plan: StepPlan, loss_scale: Tensor | None
-    ) -> None:
+    def _loss_scale(self) -> Tensor | None:
+        """The scaler's scale, read inside backward (after ``scaler.scale(loss)``)."""
+        return _dist.loss_scale(self.grad_scaler)
+
+    def _register(self, features: Mapping[str, Tensor], plan: StepPlan) -> None:
         hooks = self._hooks
         on_params = self.method.level == "encoders" and self.mode == "parameter"
         if self._update is not None:  # the coefficients act on the step, not here
@@ -599,7 +632,7 @@ class ModulationContext:
             heads = [ps[0] for ps in self._binding.groups.values() if ps]
             hooks.claim([p for p in heads if p.requires_grad and id(p) not in scaled])
         # Injections first: a coefficient that scales the same tensor scales them too.
-        hooks.inject(plan.inject, loss_scale, self._weight)
+        hooks.inject(plan.inject, self._loss_scale, self._weight)
         if self._update is not None:
             if plan.transform is not None and on_params:
                 hooks.scale(

@@ -37,7 +37,9 @@ def loss_scale(scaler: Any) -> Tensor | None:
     scale = getattr(scaler, "_scale", None)
     if scale is None:
         raise StepError(
-            "grad_scaler has no scale yet: call scaler.scale(loss) before entering the block"
+            "grad_scaler has no scale yet: this backward's loss was not scaled; call "
+            "scaler.scale(loss).backward() (inside the block or before it), and zero the "
+            "gradients of this step"
         )
     return scale  # type: ignore[no-any-return]
 

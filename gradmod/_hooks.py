@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from ._errors import ContextError
-from .methods import GradTransform, Injection
+from .methods import GradTransform, Injection, LossScale
 
 __all__ = ["CONFLICT", "KEY", "HookSet"]
 
@@ -117,16 +117,17 @@ class HookSet:
             self._put(t, _claimed)
 
     def inject(
-        self, injections: Sequence[Injection], loss_scale: Tensor | None, weight: float = 1.0
+        self, injections: Sequence[Injection], loss_scale: LossScale, weight: float = 1.0
     ) -> None:
-        """Add each injection's gradient (times ``weight`` and the loss scale) to its tensor's
-        gradient, once per block (register these first)."""
+        """Add each injection's gradient (times ``weight`` and the loss scale, read when it
+        fires: the loss may be scaled inside the block) to its tensor's gradient, once per
+        block (register these first)."""
         for inj in injections:
-            g = inj.grad * loss_scale.to(inj.grad.dtype) if loss_scale is not None else inj.grad
-            g = g * weight if weight != 1.0 else g
+            g = inj.grad * weight if weight != 1.0 else inj.grad
             self._fired.append(False)
             self._what.append(inj.what)
-            self._handles.append(inj.tensor.register_hook(self._adder(g, len(self._fired) - 1)))
+            adder = self._adder(g, len(self._fired) - 1, loss_scale)
+            self._handles.append(inj.tensor.register_hook(adder))
 
     def scale(
         self, tensors: Mapping[int, Sequence[Tensor]], transform: GradTransform | None
@@ -176,7 +177,9 @@ class HookSet:
         self._what.clear()
         self._scaled = []
 
-    def _adder(self, g: Tensor, slot: int) -> Callable[[Tensor], Tensor | None]:
+    def _adder(
+        self, g: Tensor, slot: int, loss_scale: LossScale
+    ) -> Callable[[Tensor], Tensor | None]:
         fired = self._fired
 
         def add(grad: Tensor | None) -> Tensor | None:
@@ -185,6 +188,8 @@ class HookSet:
             if fired[slot]:  # a second backward in the same block: the objective counts once
                 return None
             fired[slot] = True
-            return grad + g.to(grad.dtype)
+            scale = loss_scale()
+            extra = g * scale.to(g.dtype) if scale is not None else g
+            return grad + extra.to(grad.dtype)
 
         return add

@@ -16,6 +16,8 @@ modality ``m``'s parameters multiplied by ``k_m``:
 
 from __future__ import annotations
 
+import sys
+import types
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -23,9 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor, optim
 
-from ._errors import ConfigurationError, ContextError
+from ._errors import ConfigurationError, ContextError, StepError
 
 __all__ = ["UpdateLevel", "check_optimizer"]
+
+#: How many frames above the step pre-hook are searched for a stepping ``GradScaler``
+#: (``GradScaler.step`` -> ``_maybe_opt_step`` -> the optimizer's step wrappers -> the hook).
+_SCALER_FRAMES = 8
 
 #: Optimizers whose update is proportional to the learning rate (with their defaults' other
 #: hyperparameters), so that a lerp of the step equals the step with a scaled learning rate.
@@ -140,12 +146,14 @@ class UpdateLevel:
         modality: Sequence[Sequence[Tensor]],
         names: Sequence[str],
         active: Callable[[], bool] = lambda: False,
+        scaler: Callable[[], Any] = lambda: None,
     ) -> None:
         problems = check_optimizer(opt, modality, names)
         if problems:
             raise ConfigurationError(problems)
         self.optimizer = opt
         self._active = active  # whether the owner's block is open (no strong reference to it)
+        self._scaler = scaler  # the owner's grad_scaler
         self._modality = [list(ts) for ts in modality]
         self._index = {id(t): m for m, ts in enumerate(self._modality) for t in ts}
         self._names = list(names)
@@ -158,6 +166,7 @@ class UpdateLevel:
         self.sum: Tensor | None = None
         self.count = 0
         self.complete = False
+        self.adds = False  # a block of the window added gradients of the method's own
         # one step in flight
         self._restore: list[tuple[dict[str, Any], Any]] = []
         self._snapshots: list[tuple[list[Tensor], list[Tensor], Tensor]] = []
@@ -203,12 +212,15 @@ class UpdateLevel:
         self._mixed = [(m, ps) for (m, _, _), ps in mixed.items()]
 
     # --------------------------------------------------------------------------- window
-    def record(self, coefficients: Tensor, boundary: bool) -> None:
-        """Add one clean block's coefficients to the window."""
+    def record(self, coefficients: Tensor, boundary: bool, adds: bool = False) -> None:
+        """Add one clean block's coefficients to the window (``adds``: the block added gradients
+        of the method's own, which a ``GradScaler`` must scale like the loss)."""
         k = coefficients.detach()
         if self.complete or self.sum is None or self.count == 0:
             self.sum = torch.zeros_like(k)
             self.count = 0
+            self.adds = False
+        self.adds = self.adds or adds
         self.sum = self.sum.to(k) + k
         self.count += 1
         self.complete = bool(boundary)
@@ -228,8 +240,10 @@ class UpdateLevel:
                 "call optimizer.step() after the block"
             )
         self.restore()  # a previous step that raised left its scaling behind
+        if self.adds:
+            self._check_scaler()
         k = self.pending()
-        self.sum, self.count, self.complete = None, 0, False
+        self.sum, self.count, self.complete, self.adds = None, 0, False, False
         if k is None:
             return
         self._check_layout()
@@ -243,6 +257,31 @@ class UpdateLevel:
             with torch.no_grad():
                 snap = list(torch._foreach_mul(ps, 1.0))  # one copy, one foreach
             self._snapshots.append((ps, snap, k[m].to(ps[0].device, ps[0].dtype)))
+
+    def _check_scaler(self) -> None:
+        """Refuse a step taken by a ``GradScaler`` that the context was not given.
+
+        Its loss was scaled, so the gradients the method added unscaled are off by the scale
+        after ``unscale_``: a silent error. ``scaler.step(optimizer)`` calls ``optimizer.step``
+        from its own frame, so the stepping scaler is found among the few frames above this
+        hook (read only; nothing else in gradmod looks at frames).
+        """
+        frame: types.FrameType | None = sys._getframe(1)
+        for _ in range(_SCALER_FRAMES):
+            if frame is None:
+                return
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, torch.amp.GradScaler):
+                if owner is not self._scaler() and owner.is_enabled():
+                    raise StepError(
+                        "this optimizer step is taken by a GradScaler that the ModulationContext "
+                        "was not given: the method's own gradients (head losses, direction "
+                        "loss) were added unscaled to a scaled loss's gradients, so the step "
+                        "would be wrong; pass grad_scaler=scaler to the context (nothing was "
+                        "stepped: zero the gradients and redo the step)"
+                    )
+                return
+            frame = frame.f_back
 
     def after_step(self) -> None:
         with torch.no_grad():
@@ -272,6 +311,7 @@ class UpdateLevel:
             "sum": None if self.sum is None else self.sum.clone(),
             "count": self.count,
             "complete": self.complete,
+            "adds": self.adds,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -279,6 +319,7 @@ class UpdateLevel:
         self.sum = None if s is None else torch.as_tensor(s).clone()
         self.count = int(state.get("count", 0))
         self.complete = bool(state.get("complete", False))
+        self.adds = bool(state.get("adds", False))
 
 
 def _remove(*handles: Any) -> None:

@@ -320,7 +320,11 @@ def test_gradient_accumulation_each_micro_batch_its_own_coefficients(mode: str) 
 
 
 # ------------------------------------------------------------------------------ GradScaler
-def test_grad_scaler_unscaled_grads_equal_the_run_without_scaler() -> None:
+@pytest.mark.parametrize("where", ["before", "inside"])
+def test_grad_scaler_unscaled_grads_equal_the_run_without_scaler(where: str) -> None:
+    """``scaler.scale(loss)`` before the block, or inside it (``with ctx(...):
+    scaler.scale(loss).backward()``, from the very first step: the scale is read when the
+    method's gradients are added, inside backward)."""
     model, clfs = make_model(), make_classifiers()
     runs: dict[bool, list[dict[str, Tensor]]] = {}
     for use_scaler in (False, True):
@@ -332,9 +336,13 @@ def test_grad_scaler_unscaled_grads_equal_the_run_without_scaler() -> None:
         for k in range(3):
             xs, y = batch(16, seed=10 + k)
             loss, feats = loss_of(m, xs, y)
-            to_backward = scaler.scale(loss) if scaler is not None else loss
-            with ctx(features=feats, targets=y):
-                to_backward.backward()
+            if scaler is not None and where == "inside":
+                with ctx(features=feats, targets=y):
+                    scaler.scale(loss).backward()
+            else:
+                to_backward = scaler.scale(loss) if scaler is not None else loss
+                with ctx(features=feats, targets=y):
+                    to_backward.backward()
             if scaler is not None:
                 # before unscaling every gradient carries the loss scale, the method's included
                 big = m.head[-1].weight.grad.abs().max() / 2.0**10
@@ -362,15 +370,17 @@ def test_grad_scaler_unscaled_grads_equal_the_run_without_scaler() -> None:
 
 
 def test_grad_scaler_refusal_leaves_no_trace() -> None:
-    """Entering before ``scaler.scale`` ever ran is refused; the refused step changes nothing."""
+    """A backward with a scaler that never scaled anything is refused (inside backward, when the
+    method's gradients would be added); the refused step changes nothing."""
     model, clfs = make_model(), make_classifiers()
     scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10)
     ctx = cggm_ctx(model, clfs, grad_scaler=scaler)
     xs, y = batch(16)
     loss, feats = loss_of(model, xs, y)
     with pytest.raises(gradmod.StepError, match="no scale yet"), ctx(features=feats, targets=y):
-        scaler.scale(loss).backward()  # pragma: no cover
-    assert _no_grads_anywhere(model, *clfs.values())
+        loss.backward()  # the loss was not scaled
+    # found inside backward: the model's own gradients may have landed, the method's did not
+    assert _no_grads_anywhere(*clfs.values())
     assert hook_count(list(model.parameters())) == 0
     assert int(ctx.method.steps) == 0, "a refused step advanced CGGM's state"
 

@@ -157,4 +157,6 @@ class AGM(Method):
                 self.skipped += (~ok).to(self.skipped.dtype)
                 self.last_coefficients = k.clone()
 
-        return StepPlan(k, commit=commit)
+        return StepPlan(
+            k, commit=commit, scores={"score": scores, "running_score": self.running_scores()}
+        )

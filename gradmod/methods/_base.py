@@ -17,6 +17,7 @@ __all__ = [
     "GradTransform",
     "Injection",
     "Level",
+    "LossScale",
     "Method",
     "Reduce",
     "Step",
@@ -29,6 +30,10 @@ Reduce = Callable[[Tensor], Tensor]
 #: Where a method's coefficients act: on the encoders' gradients, or on the gradient of the
 #: per-modality tensors handed to the context as ``features`` (AGM's mono-modal responses).
 Level = Literal["encoders", "responses"]
+#: The ``GradScaler``'s current scale (0-d tensor), or ``None`` without an enabled scaler. Call it
+#: inside backward (in a hook or transform): the scale exists once the loss was scaled, which
+#: may happen inside the block (``with ctx(...): scaler.scale(loss).backward()``).
+LossScale = Callable[[], "Tensor | None"]
 #: ``transform(k, modality, index, grad) -> new grad`` for encoder tensor ``index`` of
 #: ``modality`` (``k`` the 0-d coefficient, in a dtype that keeps ``grad``'s).
 GradTransform = Callable[[Tensor, int, int, Tensor], Tensor]
@@ -70,14 +75,15 @@ class Step:
         reduce: sums a tensor over all ranks (identity without ``torch.distributed``).
         boundary: ``True`` when this backward completes the gradients of the next optimizer
             step (``False`` for the earlier micro-batches of a gradient-accumulation window).
-        loss_scale: the ``GradScaler``'s current scale (0-d tensor), or ``None``.
+        loss_scale: returns the ``GradScaler``'s current scale (see :data:`LossScale`); call
+            it inside backward, not in :meth:`Method.plan`.
     """
 
     features: Mapping[str, Tensor]
     targets: Tensor
     reduce: Reduce
     boundary: bool = True
-    loss_scale: Tensor | None = None
+    loss_scale: LossScale = field(default=lambda: None)
 
 
 class Injection(NamedTuple):
@@ -124,6 +130,9 @@ class StepPlan:
         inject: gradients added inside the user's backward (see :class:`Injection`).
         transform: replaces ``k * grad`` on every encoder tensor (parameter mode only), e.g.
             OGM-GE's generalisation-enhancement noise.
+        scores: what the coefficients were decided from, by name (each ``[M]``, in modality
+            order), for monitoring and logging; e.g. MLB's mean true-class probability per
+            head. Read-only views for the user: the engine copies them.
         commit: advances the method's cross-step state; the engine calls it once, after the
             block exits cleanly (its backward completed and every injection landed). A block
             that raises leaves the state as it was, so a step that is redone counts once.
@@ -135,6 +144,7 @@ class StepPlan:
     inject: list[Injection] = field(default_factory=list)
     transform: GradTransform | None = None
     commit: Callable[[], None] | None = None
+    scores: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 class Method(nn.Module):

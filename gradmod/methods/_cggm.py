@@ -249,4 +249,10 @@ class CGGM(Method):
                     self.direction_fusion.copy_(snapshot[0])
                     self.direction_heads.copy_(snapshot[1])
 
-        return StepPlan(coefficients, accumulate, inject, commit=commit)
+        return StepPlan(
+            coefficients,
+            accumulate,
+            inject,
+            commit=commit,
+            scores={"metric": metric, "improvement": metric - self.previous, "b": b},
+        )

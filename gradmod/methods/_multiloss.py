@@ -118,9 +118,12 @@ class MultiLoss(Method):
             return check_direction(binding, type(self).__name__, "direction")
         return []
 
-    def coefficients(self, outputs: list[Tensor], step: Step, like: Tensor) -> Tensor:
-        """This step's coefficients from the heads' outputs (all ones for plain multi-loss)."""
-        return torch.ones_like(like)
+    def coefficients(
+        self, outputs: list[Tensor], step: Step, like: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """This step's coefficients from the heads' outputs (all ones for plain multi-loss), and
+        the scores they were decided from (none for plain multi-loss)."""
+        return torch.ones_like(like), {}
 
     def plan(self, binding: Binding, step: Step) -> StepPlan:
         assert binding.classifiers is not None
@@ -137,7 +140,7 @@ class MultiLoss(Method):
             weight=self.weight,
         )
         with torch.no_grad():
-            k = self.coefficients(run.outputs, step, like)
+            k, scores = self.coefficients(run.outputs, step, like)
             k, ok = finite_step(k)
         accumulate = [
             (p, self._scale_head_grad(g, k[i]))
@@ -158,7 +161,7 @@ class MultiLoss(Method):
                 self.steps = self.steps.to(k.device) + 1
                 self.skipped = self.skipped.to(k.device) + (~ok).to(self.skipped.dtype)
 
-        return StepPlan(k, accumulate, inject, commit=commit)
+        return StepPlan(k, accumulate, inject, commit=commit, scores=scores)
 
     def _scale_head_grad(self, g: Tensor, k: Tensor) -> Tensor:
         return g
@@ -254,7 +257,9 @@ class MLB(MultiLoss):
             return Targets(base.encoders, columns=binding.fusion_module.weight)
         return base
 
-    def coefficients(self, outputs: list[Tensor], step: Step, like: Tensor) -> Tensor:
+    def coefficients(
+        self, outputs: list[Tensor], step: Step, like: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         if self.task == "classification":
             per_sample = [
                 GF.true_class_probability(o.to(like.dtype), step.targets) for o in outputs
@@ -275,7 +280,7 @@ class MLB(MultiLoss):
             counts = step.reduce(counts)
             n = counts.sum()
             chance = (counts * (counts - 1)).sum() / (n * (n - 1)).clamp_min(1.0)
-        return GF.mlb_coefficients(
+        k = GF.mlb_coefficients(
             scores,
             alpha=self.alpha,
             beta=self.beta,
@@ -283,6 +288,11 @@ class MLB(MultiLoss):
             gate=self.gate,
             chance=chance,
         )
+        name = "true_class_probability" if self.task == "classification" else "squared_error"
+        named = {name: scores}
+        if chance is not None:
+            named["chance"] = chance.expand_as(scores)
+        return k, named
 
     def _scale_head_grad(self, g: Tensor, k: Tensor) -> Tensor:
         return (g * k).to(g.dtype) if self.scale == "official" else g

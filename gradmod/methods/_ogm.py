@@ -13,6 +13,7 @@ from .._errors import StepError
 from ._args import check_args
 from ._base import (
     Binding,
+    LossScale,
     Method,
     Step,
     StepPlan,
@@ -245,7 +246,12 @@ class OGMGE(Method):
                 if noisy and step.boundary:
                     self.noise_steps += 1
 
-        return StepPlan(k, transform=block.transform if noisy else None, commit=commit)
+        return StepPlan(
+            k,
+            transform=block.transform if noisy else None,
+            commit=commit,
+            scores={"true_class_probability_sum": scores},
+        )
 
     # ------------------------------------------------------------------------------ GE noise
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -260,7 +266,7 @@ class _NoiseBlock:
     cleanly (:meth:`commit`), so a failed micro-batch that is redone counts once."""
 
     def __init__(
-        self, method: OGMGE, *, boundary: bool, noise_step: int, loss_scale: Tensor | None
+        self, method: OGMGE, *, boundary: bool, noise_step: int, loss_scale: LossScale
     ) -> None:
         self.method = method
         self.boundary = boundary
@@ -303,7 +309,8 @@ class _NoiseBlock:
             std = torch.nan_to_num(total.float().std(), nan=0.0, posinf=0.0, neginf=0.0)
         else:  # the unbiased std of one number is undefined: no noise
             std = total.new_zeros((), dtype=torch.float32)
-        eps = 1e-8 * (self.loss_scale.float() if self.loss_scale is not None else 1.0)
+        scale = self.loss_scale()  # read inside backward: the loss may be scaled in the block
+        eps = 1e-8 * (scale.float() if scale is not None else 1.0)
         gen = self.method._generator(grad.device)
         gen.manual_seed(hash((self.method.seed, self.noise_step, m, i)) % _SEED_SPACE)
         noise = torch.randn(grad.shape, generator=gen, device=grad.device, dtype=torch.float32)

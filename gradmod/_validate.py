@@ -62,19 +62,23 @@ def check_ddp_heads(
     classifiers: Mapping[str, nn.Module] | None,
     problems: list[str],
 ) -> None:
-    """Heads that the method trains must stay outside a DDP-wrapped model."""
+    """Heads that the method trains must stay out of DDP's gradient reduction: outside the
+    DDP-wrapped model, or among the parameters it ignores."""
     if not (
         isinstance(model, nn.parallel.DistributedDataParallel)
         and classifiers is not None
         and method.trains_classifiers
     ):
         return
-    in_ddp = {id(p) for p in model.parameters()}
+    ignored = set(getattr(model, "parameters_to_ignore", ()))
+    in_ddp = {id(p) for n, p in model.module.named_parameters() if n not in ignored}
     if any(id(p) in in_ddp for c in classifiers.values() for p in c.parameters()):
         problems.append(
             f"the classifiers are inside the DDP-wrapped model, but {type(method).__name__} "
             "trains them outside its forward (DDP would wait for their gradients); keep them "
-            "outside the DDP module: gradmod all-reduces their gradients itself"
+            "outside the DDP module, or leave them out of its reduction before wrapping "
+            "(DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, "
+            "[their parameter names])): gradmod all-reduces their gradients itself"
         )
 
 

@@ -4,6 +4,8 @@
     python benchmarks/balance.py                # full suite: 8 settings x 2 optimizers x 10 seeds
     python benchmarks/balance.py --settings pix+fou --optimizers sgd --seeds 5
     python benchmarks/balance.py --list         # settings and registered method variants
+    python benchmarks/balance.py --report-only results/balance/runs.json --out DIR
+                                                # re-render summary.md from saved runs, no training
 
 Model. One encoder per modality: an MLP (``Linear(d, 64) - ReLU - Linear(64, 32) - ReLU``) for
 feature vectors (every setting but ``watch``), a small 1-D conv for the ``watch`` sensors (see
@@ -129,6 +131,17 @@ configuration), ``traces.json``, ``summary.md`` (also printed) and PNG figures
 ``--workers`` processes (default 2) with one torch thread each; every job seeds everything it
 uses, so the numbers do not depend on the pool.
 
+Statistics (``_balance/stats.py``): each paired difference (points) comes with its paired t test
+from ``scipy.stats.ttest_rel``: t, the two-sided p-value and the 95 % confidence interval of the
+mean difference; per setting as mean ± sd, e.g. ``+4.05 ± 1.56 (t=+8.2, p<0.001, CI
++2.93..+5.17)``, in the compact tables as the mean, e.g. ``88.4 (+4.0, t=+8.2, p<0.001, CI
++2.9..+5.2)`` (accuracy, then the difference to joint training).
+
+Re-rendering (``--report-only RUNS_JSON``): reads a ``runs.json`` this script wrote and writes
+``summary.md`` to ``--out`` (also printed), with the current statistics and tables, without
+training and without figures (they need ``traces.json`` and do not change with the tables); the
+preamble is rebuilt from the file's ``meta``.
+
 Measured results, with the exact configurations, are in ``docs/benchmark.md``.
 """
 
@@ -152,11 +165,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _balance.data import SETTINGS
 from _balance.methods import REFERENCES, VARIANTS
 from _balance.report import summary_markdown
-from _balance.train import OPTIMIZERS, Job, JobResult, TrainConfig, init_worker, run_job
+from _balance.train import (
+    OPTIMIZERS,
+    Job,
+    JobResult,
+    OptimizerSpec,
+    TrainConfig,
+    init_worker,
+    run_job,
+)
 
 import gradmod
 
-__all__ = ["QUICK_SETTING", "main", "parse_args"]
+__all__ = ["QUICK_SETTING", "main", "parse_args", "report_only"]
 
 #: The setting ``--quick`` runs: the synthetic competition set shows the effect most clearly.
 QUICK_SETTING = "synthetic"
@@ -195,6 +216,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--out", type=Path, default=Path("results/balance"), help="output directory")
     add("--no-plots", action="store_true", help="skip the PNG figures (no matplotlib needed)")
     add("--list", action="store_true", help="list settings and method variants, then exit")
+    add(
+        "--report-only",
+        type=Path,
+        default=None,
+        metavar="RUNS_JSON",
+        help="no training: re-render summary.md from a saved runs.json into --out "
+        "(no figures; the run options are ignored)",
+    )
     args = p.parse_args(argv)
     if args.settings is None:
         args.settings = QUICK_SETTING if args.quick else ",".join(SETTINGS)
@@ -244,15 +273,20 @@ def _results(jobs: list[Job], workers: int) -> Iterator[JobResult]:
         yield from pool.imap(run_job, jobs)
 
 
-def _preamble(args: argparse.Namespace, cfg: TrainConfig) -> str:
+def _preamble(
+    optimizers: Sequence[OptimizerSpec],
+    seeds: int,
+    cfg: TrainConfig,
+    versions: tuple[str, str] = (torch.__version__, gradmod.__version__),
+) -> str:
+    """The configuration lines above the summary; ``versions``: torch's and gradmod's."""
     opts = ", ".join(
-        f"{o} lr {OPTIMIZERS[o].lr:g}"
-        + (f" momentum {m:g}" if (m := OPTIMIZERS[o].momentum) else "")
-        for o in args.optimizers
+        f"{o.name} lr {o.lr:g}" + (f" momentum {o.momentum:g}" if o.momentum else "")
+        for o in optimizers
     )
     return "\n".join(
         [
-            f"torch {torch.__version__}, gradmod {gradmod.__version__}; seeds 0..{args.seeds - 1}; "
+            f"torch {versions[0]}, gradmod {versions[1]}; seeds 0..{seeds - 1}; "
             f"{cfg.epochs} epochs, batch {cfg.batch_size}; {opts}; clip_grad_norm_ {cfg.clip:g} "
             "on every method;",
             f"encoders Linear(d,{cfg.hidden})-ReLU-Linear({cfg.hidden},{cfg.feature})-ReLU, "
@@ -292,15 +326,35 @@ def _write(
     return write_plots(records, traces, out)
 
 
+def report_only(runs_json: Path, out: Path) -> list[dict[str, Any]]:
+    """Re-render ``summary.md`` into ``out`` from a saved ``runs.json``; returns its records."""
+    saved = json.loads(runs_json.read_text())
+    meta, records = saved["meta"], saved["runs"]
+    optimizers = [OptimizerSpec(**o) for o in meta["optimizers"].values()]
+    cfg = TrainConfig(**meta["train"])
+    preamble = _preamble(optimizers, meta["seeds"], cfg, (meta["torch"], meta["gradmod"]))
+    summary = summary_markdown(records, preamble)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(summary)
+    print(summary)
+    print(f"wrote {out}/summary.md from {runs_json} ({len(records)} runs)")
+    return list(records)
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Run the benchmark; returns the run records (also written to ``--out``)."""
+    """Run the benchmark; returns the run records (also written to ``--out``).
+
+    With ``--report-only RUNS_JSON`` nothing is trained: :func:`report_only`.
+    """
     args = parse_args(argv)
     if args.list:
         print(_listing())
         return []
+    if args.report_only is not None:
+        return report_only(args.report_only, args.out)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, probe_steps=args.probe_steps)
     jobs = _jobs(args, cfg)
-    preamble = _preamble(args, cfg)
+    preamble = _preamble([OPTIMIZERS[o] for o in args.optimizers], args.seeds, cfg)
     print("Does balancing help?", preamble, sep="\n", flush=True)
     start = time.perf_counter()
     results: list[JobResult] = []

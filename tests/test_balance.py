@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,12 @@ RECORD_KEYS = {
     "best_epoch",
     "wall_s",
 }
+#: A paired difference with its test, as in the per-setting tables (2 seeds: a finite t or a
+#: degenerate one).
+CELL = (
+    r"^ [-+]\d+\.\d\d ± \d+\.\d\d "  # mean ± sd (points)
+    r"\(t=[-+](\d+\.\d|inf), p[<=][01]\.\d{3}, CI [-+]\d+\.\d\d\.\.[-+]\d+\.\d\d\) +$"
+)
 EXTRA = "multiloss+cggm-feature"  # registered by a test, through the public extension point
 
 
@@ -111,17 +118,27 @@ def test_tiny_run_writes_records_summary_and_plots(
     for names in expected.values():
         for name in ["alone", *names]:
             assert f"| {name} " in summary, name
-    assert "gap closed" in summary and "(t=" in summary
+    assert "gap closed" in summary and "(t=" in summary and ", CI " in summary
     # the update form is paired with its gradient form (a number, not "-", in that column)
     lines = summary.splitlines()
     head = next(ln for ln in lines if ln.startswith("| method ") and "gradient form" in ln).split(
         "|"
     )
-    col = [c.strip() for c in head].index("vs gradient form (pts, t)")
+    col = [c.strip() for c in head].index("vs gradient form (pts, t, p, CI)")
     rows = [ln.split("|") for ln in summary.splitlines() if ln.startswith("| balanced@update ")]
     fused = [r for r in rows if len(r) == len(head)]
-    assert fused and all("(t=" in r[col] for r in fused), fused
+    assert fused and all(re.search(CELL, r[col]) for r in fused), fused
     assert "vs gradient form" in summary and "## Paired with joint training" in summary
+
+    # re-rendered from the saved runs.json, nothing trained: the same summary.md, nothing else
+    again = tmp_path / "again"
+    assert (
+        balance.main(["--report-only", str(tmp_path / "runs.json"), "--out", str(again)])
+        == (saved["runs"])
+    )
+    assert sorted(p.name for p in again.iterdir()) == ["summary.md"]
+    assert (again / "summary.md").read_text() == summary
+    assert summary.strip() in capsys.readouterr().out
 
     traces = json.loads((tmp_path / "traces.json").read_text())
     assert {t["seed"] for t in traces} == {0}  # only the traced seed
@@ -135,6 +152,13 @@ def test_tiny_run_writes_records_summary_and_plots(
         png = tmp_path / name
         assert png.is_file() and png.stat().st_size > 1000, name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_only_is_documented(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        balance.parse_args(["--help"])
+    assert "--report-only RUNS_JSON" in capsys.readouterr().out
+    assert "--report-only" in (balance.__doc__ or "")
 
 
 def test_results_do_not_depend_on_the_pool(tmp_path: Path) -> None:
@@ -308,27 +332,7 @@ def test_accuracy_is_an_exact_fraction() -> None:
 
 
 # ------------------------------------------------------------------------------- statistics
-def test_paired_t_matches_a_hand_computed_value() -> None:
-    a = [0.80, 0.82, 0.78, 0.85]
-    b = [0.83, 0.86, 0.79, 0.90]
-    # d = [0.03, 0.04, 0.01, 0.05]: mean 0.0325, sum of squared deviations 8.75e-4,
-    # sd = sqrt(8.75e-4 / 3) = 0.0170783, t = 0.0325 / (0.0170783 / 2) = 3.80600.
-    p = stats.paired(a, b)
-    assert p.n == 4
-    assert p.mean == pytest.approx(0.0325)
-    assert p.sd == pytest.approx(0.0170783, rel=1e-5)
-    assert p.t == pytest.approx(3.80600, rel=1e-5)
-    assert stats.paired(b, a).t == pytest.approx(-3.80600, rel=1e-5)
-
-
-def test_paired_t_edge_cases() -> None:
-    assert math.isnan(stats.paired([0.5], [0.6]).t)
-    assert stats.paired([0.5, 0.6], [0.5, 0.6]).t == 0.0
-    same = stats.paired([0.5, 0.6, 0.7], [0.6, 0.7, 0.8])  # +0.1 each, up to rounding
-    assert same.t == math.inf and same.sd == 0.0
-    assert stats.paired([0.6, 0.7], [0.5, 0.6]).t == -math.inf
-
-
+# (the paired t test and its cells: tests/test_stats.py)
 def test_gap_closed_formula_and_threshold() -> None:
     assert stats.gap_closed(0.92, joint=0.90, ensemble=0.95) == pytest.approx(0.4)
     assert stats.gap_closed(0.95, joint=0.90, ensemble=0.95) == pytest.approx(1.0)

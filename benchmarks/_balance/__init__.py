@@ -4,7 +4,7 @@
 * :mod:`.models`: late-fusion model, unimodal heads, CGGM classifiers, share logits.
 * :mod:`.methods`: the registry of compared method variants (the extension point).
 * :mod:`.train`: one training run, linear probes, traces, one (setting, optimizer, seed) job.
-* :mod:`.stats`: mean/sd, paired t, gap closed, coefficient statistics.
+* :mod:`.stats`: mean/sd, paired t test (scipy), gap closed, coefficient statistics.
 * :mod:`.report`: the Markdown summary.
 * :mod:`.plots`: the PNG figures.
 """

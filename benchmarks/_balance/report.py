@@ -7,9 +7,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from .methods import gradient_form
-from .stats import GAP_MIN, gap_closed, mean_sd, paired
+from .stats import CONFIDENCE, GAP_MIN, Paired, gap_closed, mean_sd, paired
 
-__all__ = ["compact_tables", "group", "method_order", "summary_markdown", "table"]
+__all__ = [
+    "compact_tables",
+    "format_test",
+    "group",
+    "method_order",
+    "summary_markdown",
+    "table",
+]
 
 Record = dict[str, Any]
 
@@ -48,20 +55,40 @@ def _pct(xs: Sequence[float]) -> str:
     return f"{100 * m:.2f}" if math.isnan(sd) else f"{100 * m:.2f} ± {100 * sd:.2f}"
 
 
+def _p_value(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def format_test(p: Paired, decimals: int) -> str:
+    """``t=+8.2, p<0.001, CI +2.93..+5.17``: the t statistic, its two-sided p-value and the
+    confidence interval of the mean difference (``decimals`` places, as its mean); "" for a
+    single pair (no test)."""
+    if p.n < 2:
+        return ""
+    low, high = p.ci
+    return f"t={p.t:+.1f}, {_p_value(p.p)}, CI {low:+.{decimals}f}..{high:+.{decimals}f}"
+
+
+def _pairs(base: Sequence[Record], other: Sequence[Record]) -> list[tuple[Record, Record]]:
+    """``(base, other)`` records of the seeds both have, in ``other``'s order."""
+    by_seed = {r["seed"]: r for r in base}
+    return [(by_seed[r["seed"]], r) for r in other if r["seed"] in by_seed]
+
+
 def _diff(base: Sequence[Record], other: Sequence[Record], key: str, sub: str | None) -> str:
-    """Paired difference ``other - base`` in points over the seeds both have, with its t."""
+    """Paired difference ``other - base`` in points over the seeds both have: mean ± sd and
+    its paired t test (:func:`format_test`)."""
 
     def value(r: Record) -> float:
         return float(r[key] if sub is None else r[key][sub])
 
-    by_seed = {r["seed"]: r for r in base}
-    pairs = [(by_seed[r["seed"]], r) for r in other if r["seed"] in by_seed]
+    pairs = _pairs(base, other)
     if not pairs:
         return "-"
     p = paired([100 * value(a) for a, _ in pairs], [100 * value(b) for _, b in pairs])
     if p.n < 2:
         return f"{p.mean:+.2f} (n=1)"
-    return f"{p.mean:+.2f} ± {p.sd:.2f} (t={p.t:+.1f})"
+    return f"{p.mean:+.2f} ± {p.sd:.2f} ({format_test(p, 2)})"
 
 
 def _mean(rs: Sequence[Record], key: str = "fused_acc") -> float:
@@ -71,8 +98,9 @@ def _mean(rs: Sequence[Record], key: str = "fused_acc") -> float:
 def _fused_table(methods: dict[str, list[Record]], names: Sequence[str]) -> str:
     joint, multi = methods.get("joint", []), methods.get("multiloss", [])
     ens = methods.get("ensemble", [])
-    header = ["method", "fused test acc %", "vs joint (pts, t)", "vs multiloss (pts, t)"]
-    header += ["vs gradient form (pts, t)", "gap closed", *(f"share {m} %" for m in names)]
+    header = ["method", "fused test acc %"]
+    header += [f"vs {base} (pts, t, p, CI)" for base in ("joint", "multiloss", "gradient form")]
+    header += ["gap closed", *(f"share {m} %" for m in names)]
     header += ["train s"]
     rows = []
     for method in method_order(methods):
@@ -103,7 +131,7 @@ def _fused_table(methods: dict[str, list[Record]], names: Sequence[str]) -> str:
 def _probe_table(methods: dict[str, list[Record]], names: Sequence[str]) -> str:
     header = ["method"]
     for m in names:
-        header += [f"probe {m} %", f"{m} vs alone (pts, t)"]
+        header += [f"probe {m} %", f"{m} vs alone (pts, t, p, CI)"]
     alone = {m: methods.get(f"alone:{m}", []) for m in names}
     rows = [["alone", *(c for m in names for c in (_probe(alone[m], m), "-"))]]
     for method in method_order(methods):
@@ -184,8 +212,11 @@ def _overview(groups: dict[tuple[str, str], dict[str, list[Record]]]) -> str:
 LEGEND = f"""\
 Accuracies in %, mean ± sd over seeds. Differences (`vs joint`, `vs multiloss`, `vs alone`, and
 `vs gradient form`: an `@update` variant against the same method on the gradients) are paired by
-seed (same split, initialisation and batch order): mean ± sd in points, and the paired
-t statistic t = mean / (sd / sqrt(n)) (df = n - 1; |t| > 2.26 is p < 0.05 two-sided at n = 10).
+seed (same split, initialisation and batch order): mean ± sd in points, then the paired t test
+(`scipy.stats.ttest_rel`): t = mean / (sd / sqrt(n)) (df = n - 1), its two-sided p-value and the
+{100 * CONFIDENCE:g} % confidence interval of the mean difference (`CI low..high`, points).
+Identical differences over all seeds: sd 0, CI a point, t = ±inf with p = 0 (t = 0 with p = 1
+if they are all 0); one seed: no test.
 `gap closed` = (acc - joint) / (ensemble - joint) on the seed means, reported only where the
 ensemble beats joint training by at least {100 * GAP_MIN:g} point(s), else n/a. `share m`: test
 accuracy of the argmax of modality m's share of the linear fused head's logits
@@ -194,7 +225,8 @@ accuracy of the argmax of modality m's share of the linear fused head's logits
 
 def compact_tables(records: Sequence[Record]) -> str:
     """Per optimizer: methods x settings, each cell the fused test accuracy (mean over seeds)
-    with its paired difference to joint training and the t statistic (the README's tables)."""
+    with its paired difference to joint training and its t test (:func:`format_test`; the
+    README's tables)."""
     groups = group(records)
     settings = list(dict.fromkeys(s for s, _ in groups))
     optimizers = list(dict.fromkeys(o for _, o in groups))
@@ -218,18 +250,17 @@ def compact_tables(records: Sequence[Record]) -> str:
                 if m == "joint" or not joint:
                     cells.append(acc)
                     continue
-                by_seed = {r["seed"]: r for r in joint}
-                pairs = [(by_seed[r["seed"]], r) for r in rs if r["seed"] in by_seed]
+                pairs = _pairs(joint, rs)
                 p = paired(
                     [100 * float(a["fused_acc"]) for a, _ in pairs],
                     [100 * float(b["fused_acc"]) for _, b in pairs],
                 )
-                t = "" if math.isnan(p.t) else f", t={p.t:+.1f}"
-                cells.append(f"{acc} ({p.mean:+.1f}{t})")
+                test = format_test(p, 1)
+                cells.append(f"{acc} ({p.mean:+.1f}{', ' + test if test else ''})")
             rows.append(cells)
         parts += [
             f"**{opt.upper()}**: fused test accuracy %, mean over seeds (paired difference to "
-            "joint, t)",
+            f"joint, t, p, {100 * CONFIDENCE:g} % CI)",
             "",
             table(["method", *settings], rows),
             "",

@@ -44,3 +44,12 @@ def test_mlb_example_slows_the_strong_modality_and_boosts_the_weak_one(
     epochs = run("mlb.py", capsys)
     assert len(epochs) == 5
     assert all(0 < k["audio"] < 1 < k["video"] < 2 for k in epochs)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_lightning_example_slows_the_strong_modality_and_boosts_the_weak_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    epochs = run("lightning_mlb.py", capsys)
+    assert len(epochs) == 4
+    assert all(0 < k["audio"] < 1 < k["video"] for k in epochs)

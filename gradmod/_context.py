@@ -120,7 +120,10 @@ class ModulationContext:
             responses (AGM) take no mode.
         grad_scaler: the ``torch.amp.GradScaler`` that scales the loss, if any: gradients the
             method adds itself (head losses, direction loss) are scaled alike, so that after
-            ``scaler.unscale_`` every gradient equals the run without a scaler.
+            ``scaler.unscale_`` every gradient equals the run without a scaler. Float16
+            features without one are refused when the method adds gradients (pass ``False``
+            to train float16 without a scaler); with ``optimizer=``, a step taken by a scaler
+            the context was not given is refused.
         process_group: the ``torch.distributed`` group over which scores and head gradients
             are reduced (default: the world, when initialised with > 1 rank).
         allow_frozen: skip, instead of refusing, frozen parameters in an encoder group.
@@ -486,6 +489,7 @@ class ModulationContext:
             self._set_coefficients(plan)
             self._scores = plan.scores
             self._check_weight(plan, boundary, explicit_weight)
+            self._check_half(plan, feats)
             self._register(feats, plan)
             self._plan = plan
         except BaseException:
@@ -614,6 +618,20 @@ class ModulationContext:
             "loss: pass weight=1/n if you divide the loss by the n micro-batches, weight=1.0 if "
             "you sum them"
         )
+
+    def _check_half(self, plan: StepPlan, features: Mapping[str, Tensor]) -> None:
+        """Refuse float16 features without a ``grad_scaler`` when the method adds gradients of
+        its own: float16 training scales its loss with a ``GradScaler``, and gradients added
+        without its scale would be off by it after ``unscale_`` (``grad_scaler=False``: no
+        scaler, on purpose)."""
+        if self.grad_scaler is not None or not (plan.inject or plan.accumulate):
+            return
+        if any(f.dtype == torch.float16 for f in features.values()):
+            raise StepError(
+                "float16 features but no grad_scaler: with a GradScaler, pass "
+                "grad_scaler=scaler (the method's own gradients must be scaled like the loss); "
+                "training float16 without one, pass grad_scaler=False"
+            )
 
     def _reduce(self, t: Tensor) -> Tensor:
         return _dist.reduce_sum(t, self.process_group)

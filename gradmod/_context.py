@@ -35,6 +35,7 @@ from ._validate import (
     check_ddp_heads,
     check_feature_graph,
     check_features,
+    check_sharded,
     check_targets,
     slot_list,
 )
@@ -221,6 +222,7 @@ class ModulationContext:
         check_disjoint(groups, others, problems)
         check_ddp_heads(model, self.method, clfs, problems)
         root = unwrap(model) if model is not None else None
+        check_sharded(model, self.method, groups, clfs, u, resolved_mode, act, optimizer, problems)
         slots = parameter_slots(root) if root is not None else {}
         if resolved_mode == "feature" and root is not None and not problems:
             problems.extend(tied_outside(root, encoders, groups, slots))

@@ -6,6 +6,7 @@ import functools
 import itertools
 import operator
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,6 +54,61 @@ def _leaf_hooks(t: Tensor) -> dict[object, Callable[[Tensor], Tensor | None]] | 
     return hooks if isinstance(hooks, dict) else None
 
 
+def _cast_source(t: Tensor) -> tuple[Any, int] | None:
+    """``(node, output index)`` of the tensor that ``t`` is a pure floating-point cast of
+    (``ToCopyBackward0``, same shape and device, a non-leaf source; through a chain of casts),
+    or ``None``, also where torch does not expose a node's input metadata.
+
+    Mixed-precision wrappers hand out such casts: a model prepared by Accelerate returns
+    ``h.float()`` for every bf16/fp16 output ``h`` while the loss reaches the encoder through
+    ``h``, so a hook on the copy would never fire.
+    """
+    found = None
+    node = t.grad_fn
+    while node is not None and node.name() == "ToCopyBackward0" and len(node.next_functions) == 1:
+        source, index = node.next_functions[0]
+        if source is None or not hasattr(source, "register_prehook"):
+            break
+        metadata = getattr(source, "_input_metadata", None)  # one entry per output
+        if (
+            metadata is None
+            or index >= len(metadata)
+            or source.name() == "torch::autograd::AccumulateGrad"
+        ):
+            break
+        meta = metadata[index]
+        if (
+            meta.device != t.device
+            or tuple(meta.shape) != tuple(t.shape)
+            or not meta.dtype.is_floating_point
+        ):
+            break
+        found = (source, index)
+        node = source
+    return found
+
+
+def _register_hook(t: Tensor, fn: Callable[[Tensor], Tensor | None]) -> RemovableHandle:
+    """``t.register_hook(fn)``, or for a pure cast (:func:`_cast_source`) the same hook on the
+    gradient of the cast's source: what reaches the encoder output whether or not the loss
+    uses the copy (once either way: the copy itself gets no hook)."""
+    source = _cast_source(t)
+    if source is None:
+        plain: RemovableHandle = t.register_hook(fn)
+        return plain
+    node, index = source
+
+    def pre(grad_outputs: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...] | None:
+        grad = grad_outputs[index]
+        new = fn(grad) if grad is not None else None
+        if new is None:
+            return None
+        return (*grad_outputs[:index], new, *grad_outputs[index + 1 :])
+
+    handle: RemovableHandle = node.register_prehook(pre)
+    return handle
+
+
 def _witness(flags: list[bool], m: int, fn: Callable[[Tensor], Tensor], grad: Tensor) -> Tensor:
     flags[m] = True
     return fn(grad)
@@ -97,7 +153,7 @@ class HookSet:
         refuses a tensor that another context holds (after releasing what this one added)."""
         hooks = _leaf_hooks(t)
         if hooks is None:
-            self._handles.append(t.register_hook(fn))
+            self._handles.append(_register_hook(t, fn))
             return
         if hooks.setdefault(KEY, fn) is not fn:
             self.release()
@@ -127,7 +183,7 @@ class HookSet:
             self._fired.append(False)
             self._what.append(inj.what)
             adder = self._adder(g, len(self._fired) - 1, loss_scale)
-            self._handles.append(inj.tensor.register_hook(adder))
+            self._handles.append(_register_hook(inj.tensor, adder))
 
     def scale(
         self, tensors: Mapping[int, Sequence[Tensor]], transform: GradTransform | None

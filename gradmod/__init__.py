@@ -28,6 +28,9 @@ by a per-step coefficient chosen by a published method, inside your own training
   learning rates).
 * :mod:`gradmod.functional` — the pure math (coefficient rules, improvement-rate scaling,
   cosine direction loss, Shapley responses, metrics), usable on its own.
+* :class:`Monitor` — opt-in diagnostics: per block the coefficients, the method's scores and
+  each modality's encoder gradient norm before and after modulation (``monitor=``); export to
+  a dict, pandas or TensorBoard, and :mod:`gradmod.plot` draws the traces (matplotlib extra).
 * Errors: :class:`ConfigurationError` (at construction), :class:`StepError` (a step's
   inputs), :class:`ContextError` (nested, concurrent or conflicting blocks); all are
   :class:`GradmodError`.
@@ -51,6 +54,7 @@ from .methods import (
     StepPlan,
     Targets,
 )
+from .monitor import Monitor
 
 __version__ = "0.1.0"
 
@@ -70,6 +74,7 @@ __all__ = [
     "Method",
     "Mode",
     "ModulationContext",
+    "Monitor",
     "Step",
     "StepError",
     "StepPlan",

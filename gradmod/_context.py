@@ -7,7 +7,7 @@ import math
 import numbers
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Literal
 
@@ -26,7 +26,7 @@ from ._groups import (
     tied_outside,
     unwrap,
 )
-from ._hooks import CONFLICT, HookSet
+from ._hooks import CONFLICT, GradNorms, HookSet
 from ._recommended import balanced
 from ._update import UpdateLevel, check_optimizer
 from ._validate import (
@@ -40,6 +40,7 @@ from ._validate import (
     slot_list,
 )
 from .methods import Binding, Method, Step, StepPlan, coefficient_dtype
+from .monitor import Monitor
 
 __all__ = ["Act", "Mode", "ModulationContext"]
 
@@ -138,6 +139,9 @@ class ModulationContext:
             ``optimizer`` is given, else ``"gradient"``.
         optimizer: the optimizer that steps the encoders: puts the coefficients on its updates
             (the recommended use; ``act="gradient"`` with an optimizer is refused as ambiguous).
+        monitor: a :class:`gradmod.Monitor` that records every clean block's coefficients,
+            scores and encoder gradient norms before and after modulation (``None``: no
+            recording, no extra hook).
         features, targets: this step's inputs, for one-shot use
             (``with ModulationContext(model, heads, features=f, targets=y): loss.backward()``);
             usually given by calling the context, ``with ctx(features=..., targets=...)``.
@@ -160,6 +164,7 @@ class ModulationContext:
         allow_frozen: bool = False,
         act: Act | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        monitor: Monitor | None = None,
         features: Mapping[str, Tensor] | None = None,
         targets: Tensor | None = None,
     ) -> None:
@@ -192,6 +197,8 @@ class ModulationContext:
                 "optimizer= puts the coefficients on its updates, but act='gradient' was asked "
                 "for: drop one of them"
             )
+        if monitor is not None and not isinstance(monitor, Monitor):
+            problems.append(f"monitor must be a gradmod.Monitor; got {type(monitor).__name__}")
         if encoders is None:
             if classifiers is None:
                 raise ConfigurationError(
@@ -250,6 +257,8 @@ class ModulationContext:
         self.act: Act = act
         self.grad_scaler = grad_scaler
         self.process_group = process_group
+        self.monitor = monitor
+        self._norms: tuple[GradNorms, GradNorms, bool] | None = None  # the block's, if monitored
         self._model = root
         # float64: exact for float64 models; a 0-d factor never promotes a bf16/fp32 gradient.
         self._coeffs = torch.ones(len(names), device=device, dtype=coefficient_dtype(device))
@@ -504,6 +513,7 @@ class ModulationContext:
         """Remove the hooks; after a clean backward, land the method's own gradients and
         advance its state. A block that raised leaves both untouched."""
         plan, self._plan = self._plan, None
+        norms, self._norms = self._norms, None
         if plan is None:  # not active: nothing to leave
             return
         try:
@@ -540,6 +550,8 @@ class ModulationContext:
             if self._update is not None:
                 adds = bool(plan.inject or plan.accumulate or plan.transform)
                 self._update.record(self._coeffs, self._boundary, adds)
+            if norms is not None:
+                self._report(plan, *norms)
         finally:
             self._lock.release()
 
@@ -647,6 +659,7 @@ class ModulationContext:
         on_params = self.method.level == "encoders" and self.mode == "parameter"
         if self._update is not None:  # the coefficients act on the step, not here
             on_params = on_params and plan.transform is not None
+        observe_after = self._observe(on_params) if self.monitor is not None else None
         if not on_params:
             scaled = {id(t) for t in features.values()}
             heads = [ps[0] for ps in self._binding.groups.values() if ps]
@@ -679,3 +692,50 @@ class ModulationContext:
         if self._targets.columns is not None:
             widths = [int(features[n].shape[-1]) for n in self.names]
             hooks.scale_columns(self._targets.columns, widths)
+        if observe_after is not None:
+            observe_after()
+
+    # ----------------------------------------------------------------------------- monitor
+    def _observe(self, on_params: bool) -> Callable[[], None]:
+        """Observe the norm of every encoder parameter's gradient in this block.
+
+        With parameter hooks (``on_params``), registers the observers that run before them
+        and returns the registration of those that run after them (leaf hooks run in insertion
+        order); without, the parameters receive their final gradient: one observer each, added
+        by the returned call.
+        """
+        groups = [self._binding.groups[n] for n in self.names]
+        before, after = GradNorms([len(g) for g in groups]), GradNorms([len(g) for g in groups])
+        self._norms = (before, after, on_params)
+        tensors = [
+            (m, i, p) for m, g in enumerate(groups) for i, p in enumerate(g) if p.requires_grad
+        ]
+        hooks = self._hooks
+        if not on_params:
+            return lambda: hooks.observe(tensors, [after])
+        hooked = {id(t) for ts in self._targets.encoders.values() for t in ts}
+        scaled = [x for x in tensors if id(x[2]) in hooked]
+        hooks.observe(scaled, [before])
+        hooks.observe([x for x in tensors if id(x[2]) not in hooked], [before, after])
+        return lambda: hooks.observe(scaled, [after])
+
+    def _report(self, plan: StepPlan, before: GradNorms, after: GradNorms, seen: bool) -> None:
+        """Hand a clean block's record to the monitor (device operations only)."""
+        assert self.monitor is not None
+        dtype, device = self._coeffs.dtype, self._coeffs.device
+        norm_after = after.totals(dtype, device)
+        if seen:  # observed on both sides of the scaling hooks
+            norm_before = before.totals(dtype, device)
+        elif self._update is not None:  # the coefficients act on the update: nothing scaled
+            norm_before = norm_after
+        elif self.method.level == "responses":  # every response reaches every encoder
+            norm_before = torch.full_like(norm_after, math.nan)
+        else:  # feature mode: encoder m's parameters received k_m times their gradient
+            k = self._coeffs.abs()
+            norm_before = torch.where(k == 0, math.nan, norm_after / k)
+        scale = _dist.loss_scale(self.grad_scaler)
+        if scale is not None:
+            norm_before, norm_after = norm_before / scale, norm_after / scale
+        self.monitor._record(
+            self.names, self._boundary, self._coeffs, plan.scores, norm_before, norm_after
+        )

@@ -15,7 +15,7 @@ from torch.utils.hooks import RemovableHandle
 from ._errors import ContextError
 from .methods import GradTransform, Injection, LossScale
 
-__all__ = ["CONFLICT", "KEY", "HookSet"]
+__all__ = ["CONFLICT", "KEY", "GradNorms", "HookSet"]
 
 
 #: The key of gradmod's entry in a parameter's hook dict: the modulation hook in parameter mode,
@@ -118,6 +118,50 @@ def _mul_0d(k: Tensor, grad: Tensor) -> Tensor:
     return (grad * k).to(grad.dtype)
 
 
+class GradNorms:
+    """The norms of the gradients that passed one set of observing hooks in one backward.
+
+    ``slots[m][i]``: the norm (a 0-d device tensor, no host sync) of the gradient of tensor ``i``
+    of modality ``m``, or ``None`` while none arrived. A tensor whose hook fires twice (two
+    backward passes in one block) marks its modality ``repeated``: the norm of the sum of two
+    gradients is not known from their norms.
+    """
+
+    __slots__ = ("repeated", "slots")
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        self.slots: list[list[Tensor | None]] = [[None] * n for n in sizes]
+        self.repeated = [False] * len(sizes)
+
+    def totals(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Each modality's norm, ``sqrt(sum of squares)`` of its tensors' norms: ``[M]`` in
+        ``dtype`` (0 where no gradient arrived, NaN where a tensor received two)."""
+        out = []
+        for m, row in enumerate(self.slots):
+            norms = [n for n in row if n is not None]
+            if self.repeated[m]:
+                out.append(torch.full((), float("nan"), dtype=dtype, device=device))
+            elif norms:
+                out.append(torch.linalg.vector_norm(torch.stack(norms).to(dtype)))
+            else:
+                out.append(torch.zeros((), dtype=dtype, device=device))
+        return torch.stack(out)
+
+
+def _observe(sinks: Sequence[GradNorms], m: int, i: int, grad: Tensor) -> None:
+    """Record ``grad``'s norm in every sink; returns ``None``: the gradient passes unchanged."""
+    g = grad.coalesce().values() if grad.is_sparse else grad
+    norm = torch.linalg.vector_norm(
+        g, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32
+    )
+    for sink in sinks:
+        row = sink.slots[m]
+        if row[i] is not None:
+            sink.repeated[m] = True
+        row[i] = norm
+    return None
+
+
 CONFLICT = (
     "some of these encoder parameters are already modulated by another active "
     "ModulationContext; one context per parameter at a time (exit the other block first)"
@@ -146,6 +190,7 @@ class HookSet:
         self._fired: list[bool] = []
         self._what: list[str] = []
         self._scaled: list[bool] = []
+        self._observers: list[tuple[dict[object, Callable[[Tensor], Tensor | None]], object]] = []
 
     # --------------------------------------------------------------------------- registering
     def _put(self, t: Tensor, fn: Callable[[Tensor], Tensor | None]) -> None:
@@ -208,6 +253,26 @@ class HookSet:
                     fn = functools.partial(_witness, self._scaled, m, fn)
                 self._put(t, fn)
 
+    def observe(
+        self, tensors: Sequence[tuple[int, int, Tensor]], sinks: Sequence[GradNorms]
+    ) -> None:
+        """Record the norm of each ``(modality, index, tensor)``'s gradient in ``sinks``.
+
+        A pass-through hook, added after the hooks already in the tensor's hook dict (leaf hooks
+        run in insertion order): registered before :meth:`scale` it sees what the scaling hook
+        receives, after it what the scaling hook returns. Under a key of its own, so it never
+        counts as a claim.
+        """
+        key = ("gradmod.monitor", *map(id, sinks))
+        for m, i, t in tensors:
+            fn = functools.partial(_observe, sinks, m, i)
+            hooks = _leaf_hooks(t)
+            if hooks is None:
+                self._handles.append(t.register_hook(fn))
+                continue
+            hooks[key] = fn
+            self._observers.append((hooks, key))
+
     def scale_columns(self, weight: Tensor, widths: Sequence[int]) -> None:
         """Multiply column block ``m`` (of width ``widths[m]``) of ``weight``'s gradient by ``k_m``."""
         cols = torch.cat([v.expand(w) for v, w in zip(self._views, widths, strict=True)])
@@ -229,6 +294,9 @@ class HookSet:
         for hooks in self._keyed:
             hooks.pop(KEY, None)
         self._keyed.clear()
+        for hooks, key in self._observers:
+            hooks.pop(key, None)
+        self._observers.clear()
         self._fired.clear()
         self._what.clear()
         self._scaled = []

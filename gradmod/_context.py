@@ -27,6 +27,7 @@ from ._groups import (
     unwrap,
 )
 from ._hooks import CONFLICT, GradNorms, HookSet
+from ._protocol import Act, Binding, Method, Step, StepPlan, coefficient_dtype
 from ._recommended import balanced
 from ._update import UpdateLevel, check_optimizer
 from ._validate import (
@@ -39,13 +40,11 @@ from ._validate import (
     check_targets,
     slot_list,
 )
-from .methods import Binding, Method, Step, StepPlan, coefficient_dtype
 from .monitor import Monitor
 
 __all__ = ["Act", "Mode", "ModulationContext"]
 
 Mode = Literal["parameter", "feature"]
-Act = Literal["gradient", "update"]
 _Inputs = tuple[Mapping[str, Tensor] | None, Tensor | None, bool, float | None]
 
 
@@ -175,9 +174,10 @@ class ModulationContext:
             raise ConfigurationError(
                 [f"method must be a gradmod.Method (e.g. gradmod.balanced()); got {who}"]
             )
+        needs = self.method.needs()
         if mode not in (None, "parameter", "feature"):
             problems.append(f"mode must be 'parameter' or 'feature'; got {mode!r}")
-        if self.method.level == "responses" and mode is not None:
+        if needs.level == "responses" and mode is not None:
             problems.append(
                 f"{who} scales the gradient of the responses handed to it as features; "
                 f"mode={mode!r} does not apply: leave mode unset"
@@ -187,11 +187,12 @@ class ModulationContext:
             act = "update" if optimizer is not None else "gradient"
         if act not in ("gradient", "update"):
             problems.append(f"act must be 'gradient' or 'update'; got {act!r}")
-        if act == "update" and self.method.level == "responses":
+        if act == "update" and needs.level == "responses":
             problems.append(
                 f"{who} scales the gradients of its responses, which reach the fusion head as "
                 "well as the encoders: it has no per-modality update; use act='gradient'"
             )
+
         if act == "gradient" and optimizer is not None:
             problems.append(
                 "optimizer= puts the coefficients on its updates, but act='gradient' was asked "
@@ -209,7 +210,7 @@ class ModulationContext:
                 )
             encoders = {name: name for name in classifiers}
         names = tuple(encoders)
-        lo, hi = self.method.min_modalities, self.method.max_modalities
+        lo, hi = needs.modalities
         if len(names) < lo or (hi is not None and len(names) > hi):
             allowed = f"{lo} to {hi}" if hi is not None else f"at least {lo}"
             problems.append(f"{who} needs {allowed} modalities; got {len(names)} ({list(names)})")
@@ -235,15 +236,10 @@ class ModulationContext:
             problems.extend(tied_outside(root, encoders, groups, slots))
 
         device = next((p.device for ps in groups.values() for p in ps), torch.device("cpu"))
-        self._binding = Binding(names, groups, clfs, fusion_module, u, resolved_mode, device)
+        self._binding = Binding(names, groups, clfs, fusion_module, u, resolved_mode, device, act)
         if not problems:  # method-level checks need a consistent binding
             problems.extend(self.method.check(self._binding))
             self._targets = check_targets(self.method, self._binding, problems)
-            if act == "update" and self._targets.columns is not None:
-                problems.append(
-                    f"{who} scales a column block of the fusion weight too, which has no "
-                    "per-modality update: use act='gradient' (or MLB(scale='encoder'))"
-                )
             if act == "update" and not problems:
                 problems.extend(
                     check_optimizer(
@@ -253,6 +249,7 @@ class ModulationContext:
         if problems:
             raise ConfigurationError(problems)
 
+        self._needs = needs
         self.mode: Mode = resolved_mode
         self.act: Act = act
         self.grad_scaler = grad_scaler
@@ -276,7 +273,7 @@ class ModulationContext:
         self._hooks = HookSet(self._hook_coefficients())
         hooked = (
             [t for ts in self._targets.encoders.values() for t in ts]
-            if self.method.level == "encoders" and self.mode == "parameter" and act == "gradient"
+            if needs.level == "encoders" and self.mode == "parameter" and act == "gradient"
             else []
         )  # tensors that get a parameter hook: they must keep requiring grad
         self._watch = ParameterWatch(slot_list(root, slots, groups), skipped, hooked)
@@ -350,7 +347,7 @@ class ModulationContext:
         to the model and are already among its parameters).
         """
         cl = self._binding.classifiers or {}
-        if not self.method.trains_classifiers:
+        if not self._needs.trains_classifiers:
             return []
         return [p for n in self.names if n in cl for p in cl[n].parameters()]
 
@@ -390,7 +387,7 @@ class ModulationContext:
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 problems.append(f"state {key!r} holds non-finite values: the checkpoint is corrupt")
             if (
-                (key in self.method.modality_buffers or key == "update.sum")
+                (key in self._needs.per_modality_state or key == "update.sum")
                 and value.numel()
                 and value.shape[0] != m
             ):
@@ -583,10 +580,10 @@ class ModulationContext:
         return torch.ones_like(self._coeffs)
 
     def _hooks_features(self) -> bool:
-        m = self.method
+        n = self._needs
         if self.act == "update":
-            return m.injects_into_features
-        return self.mode == "feature" or m.level == "responses" or m.injects_into_features
+            return n.injects_into_features
+        return self.mode == "feature" or n.level == "responses" or n.injects_into_features
 
     def _check_step(
         self, features: Mapping[str, Tensor] | None, targets: Tensor | None, boundary: bool
@@ -602,7 +599,6 @@ class ModulationContext:
             self.names,
             features,
             self._hooks_features(),
-            self._targets.columns,
             problems,
         )
         step = None
@@ -656,7 +652,7 @@ class ModulationContext:
 
     def _register(self, features: Mapping[str, Tensor], plan: StepPlan) -> None:
         hooks = self._hooks
-        on_params = self.method.level == "encoders" and self.mode == "parameter"
+        on_params = self._needs.level == "encoders" and self.mode == "parameter"
         if self._update is not None:  # the coefficients act on the step, not here
             on_params = on_params and plan.transform is not None
         observe_after = self._observe(on_params) if self.monitor is not None else None
@@ -677,7 +673,7 @@ class ModulationContext:
                     f"{type(self.method).__name__} transforms parameter gradients, which needs "
                     "mode='parameter'"
                 )
-        elif self.method.level == "responses" or self.mode == "feature":
+        elif self._needs.level == "responses" or self.mode == "feature":
             if plan.transform is not None:
                 raise RuntimeError(
                     f"{type(self.method).__name__} transforms parameter gradients, which needs "
@@ -689,9 +685,7 @@ class ModulationContext:
                 {m: list(self._targets.encoders.get(n, ())) for m, n in enumerate(self.names)},
                 plan.transform,
             )
-        if self._targets.columns is not None:
-            widths = [int(features[n].shape[-1]) for n in self.names]
-            hooks.scale_columns(self._targets.columns, widths)
+        hooks.extra(plan.hooks)
         if observe_after is not None:
             observe_after()
 
@@ -728,7 +722,7 @@ class ModulationContext:
             norm_before = before.totals(dtype, device)
         elif self._update is not None:  # the coefficients act on the update: nothing scaled
             norm_before = norm_after
-        elif self.method.level == "responses":  # every response reaches every encoder
+        elif self._needs.level == "responses":  # every response reaches every encoder
             norm_before = torch.full_like(norm_after, math.nan)
         else:  # feature mode: encoder m's parameters received k_m times their gradient
             k = self._coeffs.abs()

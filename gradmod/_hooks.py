@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from ._errors import ContextError
-from .methods import GradTransform, Injection, LossScale
+from ._protocol import GradHook, GradTransform, Injection, LossScale
 
 __all__ = ["CONFLICT", "KEY", "GradNorms", "HookSet"]
 
@@ -273,10 +273,10 @@ class HookSet:
             hooks[key] = fn
             self._observers.append((hooks, key))
 
-    def scale_columns(self, weight: Tensor, widths: Sequence[int]) -> None:
-        """Multiply column block ``m`` (of width ``widths[m]``) of ``weight``'s gradient by ``k_m``."""
-        cols = torch.cat([v.expand(w) for v, w in zip(self._views, widths, strict=True)])
-        self._handles.append(weight.register_hook(cols.to(weight.dtype).mul))
+    def extra(self, hooks: Sequence[GradHook]) -> None:
+        """Register a method's gradient hooks on other tensors (removed with the rest)."""
+        for h in hooks:
+            self._handles.append(h.tensor.register_hook(h.fn))
 
     # ----------------------------------------------------------------------------- leaving
     def scaled_any(self) -> bool:

@@ -11,7 +11,7 @@ from torch import Tensor, nn, optim
 
 from ._errors import ConfigurationError
 from ._groups import Slot, fsdp_unsharded, is_sharded, reachable_leaves
-from .methods import OGMGE, Binding, Method, Targets
+from ._protocol import Binding, Method, Targets
 
 __all__ = [
     "ParameterWatch",
@@ -33,7 +33,7 @@ def check_classifiers(
 ) -> dict[str, nn.Module] | None:
     """The classifiers the method will use, with a problem for each mismatch."""
     who = type(method).__name__
-    use = method.classifier_use
+    use = method.needs().classifiers
     if classifiers is None:
         if use == "required":
             problems.append(
@@ -69,7 +69,7 @@ def check_ddp_heads(
     if not (
         isinstance(model, nn.parallel.DistributedDataParallel)
         and classifiers is not None
-        and method.trains_classifiers
+        and method.needs().trains_classifiers
     ):
         return
     ignored = set(getattr(model, "parameters_to_ignore", ()))
@@ -122,15 +122,20 @@ def check_sharded(
         return
     who = type(method).__name__
     sharded = [n for n, ps in groups.items() if any(is_sharded(p) for p in ps)]
-    ge = " (OGMGE(ge=False): its noise needs parameter hooks)" if isinstance(method, OGMGE) else ""
-    if sharded and mode == "parameter" and act != "update" and method.level == "encoders":
+    needs = method.needs()
+    ge = (
+        f" ({who} transforms parameter gradients: it needs them)"
+        if needs.transforms_gradients
+        else ""
+    )
+    if sharded and mode == "parameter" and act != "update" and needs.level == "encoders":
         problems.append(
             f"encoders {sharded} have FSDP-sharded (DTensor) parameters: a parameter-mode hook "
             "on them never fires (FSDP computes gradients on unsharded copies and writes the "
             "reduce-scattered result into .grad): use mode='feature', which hooks the encoder "
             f"outputs instead{ge}"
         )
-    if fusion is not None and is_sharded(fusion) and not isinstance(method, OGMGE):
+    if fusion is not None and is_sharded(fusion) and needs.fusion == "changes":
         problems.append(
             f"the fusion head given as fusion= is FSDP-sharded, and {who} changes its gradient "
             "(a direction loss, or MLB's official column scaling) outside FSDP's backward, "
@@ -168,7 +173,7 @@ def check_targets(method: Method, binding: Binding, problems: list[str]) -> Targ
     who = type(method).__name__
     for n in binding.names:
         chosen = list(targets.encoders.get(n, ()))
-        if not chosen and method.level == "encoders":
+        if not chosen and method.needs().level == "encoders":
             problems.append(
                 f"{who} selects no tensor of encoders[{n!r}] to modulate: check its parameter "
                 "filter"
@@ -267,12 +272,11 @@ def check_features(
     names: Sequence[str],
     features: Mapping[str, Tensor] | None,
     live: bool,
-    columns: Tensor | None,
     problems: list[str],
 ) -> None:
-    """One step's features: keys, types, graph attachment, widths for a column-scaled head."""
+    """One step's features: keys and types, and graph attachment where hooks need it."""
     who = type(method).__name__
-    need = method.uses_features or live or columns is not None
+    need = method.needs().features or live
     if features is None:
         if need:
             problems.append(
@@ -291,14 +295,6 @@ def check_features(
             problems.append(
                 f"features[{k!r}] is not attached to the autograd graph (detached, or computed "
                 f"under no_grad): {who} in this mode hooks the live tensor"
-            )
-    if columns is not None and not problems:
-        widths = [int(features[n].shape[-1]) for n in names]
-        if sum(widths) != columns.shape[-1]:
-            problems.append(
-                f"the fusion weight has {columns.shape[-1]} input columns but the features' "
-                f"widths {widths} add up to {sum(widths)}: the fusion head must be one Linear "
-                "over the features concatenated in modality order"
             )
 
 

@@ -164,7 +164,7 @@ class Modulator:
 def _head_problems(ctx: ModulationContext, processes: int) -> list[str]:
     """Heads that the method trains must stay outside the DDP module that ``prepare`` builds."""
     classifiers = ctx._binding.classifiers or {}
-    if processes <= 1 or not ctx.method.trains_classifiers or not classifiers:
+    if processes <= 1 or not ctx.method.needs().trains_classifiers or not classifiers:
         return []
     problems: list[str] = []
     wrapped = sorted(k for k, c in classifiers.items() if isinstance(c, DistributedDataParallel))

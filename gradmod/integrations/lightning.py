@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from .._context import Act, Mode, ModulationContext
 from .._errors import ConfigurationError, StepError
 from .._groups import EncoderSpec, FusionSpec
-from ..methods import Method
+from .._protocol import Method
 from ..monitor import Monitor
 
 __all__ = ["Modulation", "step_inputs"]
@@ -194,7 +194,7 @@ class Modulation(pl.Callback):
             )
         heads = self._heads(pl_module) if self.context is None else None
         method = self.method
-        trains_heads = method is None or method.trains_classifiers
+        trains_heads = method is None or method.needs().trains_classifiers
         if heads and trains_heads and trainer.world_size > 1:
             # DDP would wait for gradients the method adds after backward: leave the heads out of
             # its reduction (DDP reads this attribute when it wraps the module, right after

@@ -1,19 +1,21 @@
 """Modulation methods: each decides per-step coefficients; the engine applies them."""
 
-from ._agm import AGM
-from ._base import (
+from .._protocol import (
     Binding,
+    GradHook,
     GradTransform,
     Injection,
     Level,
     LossScale,
     Method,
+    Needs,
     Reduce,
     Step,
     StepPlan,
     Targets,
     coefficient_dtype,
 )
+from ._agm import AGM
 from ._cggm import CGGM
 from ._fixed import Fixed
 from ._multiloss import MLB, MultiLoss
@@ -27,10 +29,12 @@ __all__ = [
     "OGMGE",
     "MultiLoss",
     "Binding",
+    "GradHook",
     "GradTransform",
     "Injection",
     "Level",
     "Method",
+    "Needs",
     "LossScale",
     "Reduce",
     "Step",

@@ -6,16 +6,17 @@ import torch
 from torch import Tensor
 
 from .. import functional as GF
-from ._args import check_args
-from ._base import (
+from .._protocol import (
     Binding,
     Method,
+    Needs,
     Step,
     StepPlan,
     class_index_problem,
     coefficient_dtype,
     finite_step,
 )
+from ._args import check_args
 from ._heads import global_mean
 
 __all__ = ["AGM"]
@@ -68,9 +69,6 @@ class AGM(Method):
     ``last_coefficients``, ``skipped``.
     """
 
-    level = "responses"
-    max_modalities = 4
-    modality_buffers = ("score_sum", "last_coefficients")
     score_sum: Tensor
     steps: Tensor
     last_coefficients: Tensor
@@ -100,6 +98,13 @@ class AGM(Method):
         self.last_coefficients = torch.zeros(0, device=self.steps.device)
         self.steps.zero_()
         self.skipped.zero_()
+
+    def needs(self) -> Needs:
+        return Needs(
+            level="responses",
+            modalities=(2, 4),
+            per_modality_state=("score_sum", "last_coefficients"),
+        )
 
     def running_scores(self) -> Tensor:
         r""":math:`\bar s`, the mean score over the steps so far (zeros before the first)."""

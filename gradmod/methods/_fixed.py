@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._errors import ConfigurationError, StepError
-from ._base import Binding, Method, Step, StepPlan, coefficient_dtype
+from .._protocol import Binding, Method, Needs, Step, StepPlan, coefficient_dtype
 
 __all__ = ["Fixed"]
 
@@ -35,7 +35,6 @@ class Fixed(Method):
     State (``state_dict``): ``steps`` (the schedule's step counter).
     """
 
-    uses_features = False
     steps: Tensor
 
     def __init__(self, coefficients: Mapping[str, float] | Sequence[float] | Schedule) -> None:
@@ -52,6 +51,9 @@ class Fixed(Method):
                 raise ConfigurationError(problems)
             self._values = values  # type: ignore[assignment]
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def needs(self) -> Needs:
+        return Needs(features=False)
 
     def extra_repr(self) -> str:
         return "schedule" if self._fn is not None else f"coefficients={self._values!r}"

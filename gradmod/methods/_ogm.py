@@ -10,11 +10,11 @@ from torch import Tensor, nn
 
 from .. import functional as GF
 from .._errors import StepError
-from ._args import check_args
-from ._base import (
+from .._protocol import (
     Binding,
     LossScale,
     Method,
+    Needs,
     Step,
     StepPlan,
     Targets,
@@ -22,6 +22,7 @@ from ._base import (
     coefficient_dtype,
     finite_step,
 )
+from ._args import check_args
 
 __all__ = ["OGMGE"]
 
@@ -68,8 +69,6 @@ class OGMGE(Method):
     ``last_coefficients``, ``last_scores`` and ``steps``.
     """
 
-    classifier_use = "optional"
-    modality_buffers = ("last_coefficients", "last_scores")
     epoch: Tensor
     skipped: Tensor
     noise_steps: Tensor
@@ -124,6 +123,14 @@ class OGMGE(Method):
         # accumulation window, per (modality, tensor) (not in state_dict: see the README).
         self._pending: dict[tuple[int, int], Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
+
+    def needs(self) -> Needs:
+        return Needs(
+            classifiers="optional",
+            per_modality_state=("last_coefficients", "last_scores"),
+            fusion="reads",
+            transforms_gradients=self.ge,
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -9,42 +9,28 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import _dist
+from ._config import Mode, check_state, configure
 from ._errors import ConfigurationError, ContextError, StepError
-from ._groups import (
-    EncoderSpec,
-    FusionSpec,
-    check_disjoint,
-    parameter_slots,
-    resolve_fusion,
-    resolve_groups,
-    tied_outside,
-    unwrap,
-)
+from ._groups import EncoderSpec, FusionSpec
 from ._hooks import CONFLICT, GradNorms, HookSet
-from ._protocol import Act, Binding, Method, Step, StepPlan, coefficient_dtype
-from ._recommended import balanced
-from ._update import UpdateLevel, check_optimizer
+from ._protocol import Act, Method, Step, StepPlan, coefficient_dtype
+from ._update import UpdateLevel
 from ._validate import (
     ParameterWatch,
-    check_classifiers,
-    check_ddp_heads,
     check_feature_graph,
     check_features,
-    check_sharded,
-    check_targets,
     slot_list,
 )
 from .monitor import Monitor
 
 __all__ = ["Act", "Mode", "ModulationContext"]
 
-Mode = Literal["parameter", "feature"]
 _Inputs = tuple[Mapping[str, Tensor] | None, Tensor | None, bool, float | None]
 
 
@@ -167,90 +153,25 @@ class ModulationContext:
         features: Mapping[str, Tensor] | None = None,
         targets: Tensor | None = None,
     ) -> None:
-        self.method: Method = method if method is not None else balanced()
-        problems: list[str] = []
-        who = type(self.method).__name__
-        if not isinstance(self.method, Method):
-            raise ConfigurationError(
-                [f"method must be a gradmod.Method (e.g. gradmod.balanced()); got {who}"]
-            )
-        needs = self.method.needs()
-        if mode not in (None, "parameter", "feature"):
-            problems.append(f"mode must be 'parameter' or 'feature'; got {mode!r}")
-        if needs.level == "responses" and mode is not None:
-            problems.append(
-                f"{who} scales the gradient of the responses handed to it as features; "
-                f"mode={mode!r} does not apply: leave mode unset"
-            )
-        resolved_mode: Mode = "feature" if mode == "feature" else "parameter"
-        if act is None:
-            act = "update" if optimizer is not None else "gradient"
-        if act not in ("gradient", "update"):
-            problems.append(f"act must be 'gradient' or 'update'; got {act!r}")
-        if act == "update" and needs.level == "responses":
-            problems.append(
-                f"{who} scales the gradients of its responses, which reach the fusion head as "
-                "well as the encoders: it has no per-modality update; use act='gradient'"
-            )
-
-        if act == "gradient" and optimizer is not None:
-            problems.append(
-                "optimizer= puts the coefficients on its updates, but act='gradient' was asked "
-                "for: drop one of them"
-            )
-        if monitor is not None and not isinstance(monitor, Monitor):
-            problems.append(f"monitor must be a gradmod.Monitor; got {type(monitor).__name__}")
-        if encoders is None:
-            if classifiers is None:
-                raise ConfigurationError(
-                    [
-                        "pass encoders={name: module | 'dotted.path' | [params]} (or classifiers "
-                        "whose keys are the encoders' paths in the model)"
-                    ]
-                )
-            encoders = {name: name for name in classifiers}
-        names = tuple(encoders)
-        lo, hi = needs.modalities
-        if len(names) < lo or (hi is not None and len(names) > hi):
-            allowed = f"{lo} to {hi}" if hi is not None else f"at least {lo}"
-            problems.append(f"{who} needs {allowed} modalities; got {len(names)} ({list(names)})")
-        skipped: list[nn.Parameter] = []
-        groups = resolve_groups(
-            model, encoders, problems, allow_frozen=allow_frozen, skipped=skipped
+        cfg = configure(
+            model,
+            classifiers,
+            encoders=encoders,
+            method=method,
+            fusion=fusion,
+            mode=mode,
+            allow_frozen=allow_frozen,
+            act=act,
+            optimizer=optimizer,
+            monitor=monitor,
         )
-        clfs = check_classifiers(self.method, classifiers, names, problems)
-        fusion_module, u = (
-            resolve_fusion(model, fusion, problems) if fusion is not None else (None, None)
-        )
-        others: dict[str, list[Tensor]] = {}
-        for k, c in (clfs or {}).items():
-            others[f"a parameter of classifiers[{k!r}]"] = list(c.parameters())
-        if u is not None:
-            others["the fusion tensor"] = [u]
-        check_disjoint(groups, others, problems)
-        check_ddp_heads(model, self.method, clfs, problems)
-        root = unwrap(model) if model is not None else None
-        check_sharded(model, self.method, groups, clfs, u, resolved_mode, act, optimizer, problems)
-        slots = parameter_slots(root) if root is not None else {}
-        if resolved_mode == "feature" and root is not None and not problems:
-            problems.extend(tied_outside(root, encoders, groups, slots))
-
-        device = next((p.device for ps in groups.values() for p in ps), torch.device("cpu"))
-        self._binding = Binding(names, groups, clfs, fusion_module, u, resolved_mode, device, act)
-        if not problems:  # method-level checks need a consistent binding
-            problems.extend(self.method.check(self._binding))
-            self._targets = check_targets(self.method, self._binding, problems)
-            if act == "update" and not problems:
-                problems.extend(
-                    check_optimizer(
-                        optimizer, [self._targets.encoders.get(n, []) for n in names], names
-                    )
-                )
-        if problems:
-            raise ConfigurationError(problems)
-
-        self._needs = needs
-        self.mode: Mode = resolved_mode
+        self.method: Method = cfg.method
+        self._needs = cfg.needs
+        self._binding = cfg.binding
+        self._targets = cfg.targets
+        names, root, groups = cfg.binding.names, cfg.root, cfg.binding.groups
+        act, device = cfg.act, cfg.binding.device
+        self.mode: Mode = cfg.mode
         self.act: Act = act
         self.grad_scaler = grad_scaler
         self.process_group = process_group
@@ -273,10 +194,10 @@ class ModulationContext:
         self._hooks = HookSet(self._hook_coefficients())
         hooked = (
             [t for ts in self._targets.encoders.values() for t in ts]
-            if needs.level == "encoders" and self.mode == "parameter" and act == "gradient"
+            if cfg.needs.level == "encoders" and self.mode == "parameter" and act == "gradient"
             else []
         )  # tensors that get a parameter hook: they must keep requiring grad
-        self._watch = ParameterWatch(slot_list(root, slots, groups), skipped, hooked)
+        self._watch = ParameterWatch(slot_list(root, cfg.slots, groups), cfg.skipped, hooked)
         # Where no parameter hook holds the encoders (feature mode, response-level methods, the
         # update level), each group is held by a pass-through marker on its first parameter (one
         # call per modality and backward); every group parameter is checked for another context
@@ -379,23 +300,7 @@ class ModulationContext:
             ConfigurationError: the state holds a non-finite value, or was saved for another
                 number of modalities; nothing is loaded then.
         """
-        m = len(self.names)
-        problems: list[str] = []
-        for key, value in state_dict.items():
-            if not isinstance(value, Tensor):
-                continue
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                problems.append(f"state {key!r} holds non-finite values: the checkpoint is corrupt")
-            if (
-                (key in self._needs.per_modality_state or key == "update.sum")
-                and value.numel()
-                and value.shape[0] != m
-            ):
-                problems.append(
-                    f"state {key!r} was saved for {value.shape[0]} modalities, but this context "
-                    f"has {m} ({list(self.names)}): load the state of a context over the same "
-                    "modalities"
-                )
+        problems = check_state(state_dict, self.names, self._needs)
         if problems:
             raise ConfigurationError(problems)
         update = {k[7:]: v for k, v in state_dict.items() if k.startswith("update.")}

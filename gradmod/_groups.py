@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._protocol import last_weight_matrix
+
 __all__ = [
     "EncoderSpec",
     "FusionSpec",
@@ -15,7 +17,6 @@ __all__ = [
     "check_disjoint",
     "fsdp_unsharded",
     "is_sharded",
-    "last_weight_matrix",
     "parameter_slots",
     "reachable_leaves",
     "resolve_fusion",
@@ -195,15 +196,6 @@ def resolve_groups(
             owner[id(p)] = name
         groups[name] = unique
     return groups
-
-
-def last_weight_matrix(module: nn.Module) -> Tensor | None:
-    """The last parameter of ``module`` with two or more dimensions (its output layer's weight)."""
-    found: Tensor | None = None
-    for p in module.parameters():
-        if p.dim() >= 2:
-            found = p
-    return found
 
 
 def resolve_fusion(

@@ -26,6 +26,7 @@ __all__ = [
     "GradHook",
     "GradTransform",
     "Injection",
+    "last_weight_matrix",
     "Level",
     "LossScale",
     "Method",
@@ -288,6 +289,17 @@ def class_index_problem(who: str, targets: Tensor, batch: int | None) -> list[st
             f"{tuple(targets.shape)}"
         ]
     return []
+
+
+def last_weight_matrix(module: nn.Module) -> Tensor | None:
+    """The last parameter of ``module`` with two or more dimensions (its output layer's weight):
+    what :attr:`Binding.fusion` is for a fusion module, and a head's matrix for a direction
+    loss."""
+    found: Tensor | None = None
+    for p in module.parameters():
+        if p.dim() >= 2:
+            found = p
+    return found
 
 
 def coefficient_dtype(device: torch.device) -> torch.dtype:

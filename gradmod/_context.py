@@ -7,7 +7,7 @@ import math
 import numbers
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
@@ -18,15 +18,16 @@ from . import _dist
 from ._config import Mode, check_state, configure
 from ._errors import ConfigurationError, ContextError, StepError
 from ._groups import EncoderSpec, FusionSpec
-from ._hooks import CONFLICT, GradNorms, HookSet
-from ._protocol import Act, Method, Step, StepPlan, coefficient_dtype
+from ._hooks import CONFLICT, HookSet
+from ._protocol import Act, Method, StepPlan, coefficient_dtype
+from ._steps import check_half, check_step, check_weight
 from ._update import UpdateLevel
 from ._validate import (
     ParameterWatch,
     check_feature_graph,
-    check_features,
     slot_list,
 )
+from ._wiring import Wiring
 from .monitor import Monitor
 
 __all__ = ["Act", "Mode", "ModulationContext"]
@@ -176,7 +177,6 @@ class ModulationContext:
         self.grad_scaler = grad_scaler
         self.process_group = process_group
         self.monitor = monitor
-        self._norms: tuple[GradNorms, GradNorms, bool] | None = None  # the block's, if monitored
         self._model = root
         # float64: exact for float64 models; a 0-d factor never promotes a bf16/fp32 gradient.
         self._coeffs = torch.ones(len(names), device=device, dtype=coefficient_dtype(device))
@@ -191,7 +191,14 @@ class ModulationContext:
                 active=lambda: (c := me()) is not None and c._plan is not None,
                 scaler=lambda: None if (c := me()) is None else c.grad_scaler,
             )
-        self._hooks = HookSet(self._hook_coefficients())
+        self._wiring = Wiring(
+            self._binding,
+            self._targets,
+            self._needs,
+            self.mode,
+            self._coeffs,
+            update=act == "update",
+        )
         hooked = (
             [t for ts in self._targets.encoders.values() for t in ts]
             if cfg.needs.level == "encoders" and self.mode == "parameter" and act == "gradient"
@@ -395,19 +402,39 @@ class ModulationContext:
                 self._update.restore()  # a step that raised left a scaled learning rate behind
             self._follow_device()
             feats: Mapping[str, Tensor] = features or {}
-            step = self._check_step(features, targets, boundary)
-            if self._hooks.held_elsewhere(self._members):
+            step = check_step(
+                self.method,
+                self._binding,
+                self._watch,
+                features,
+                targets,
+                live=self._wiring.live_features(),
+                boundary=boundary,
+                reduce=self._reduce,
+                loss_scale=self._loss_scale,
+            )
+            if self.mode == "feature" and not self._feature_checked and features is not None:
+                check_feature_graph(self._model, self._binding, features)
+                self._feature_checked = True
+            if HookSet.held_elsewhere(self._members):
                 raise ContextError(CONFLICT)
             plan = self.method.plan(self._binding, step)
             self._set_coefficients(plan)
             self._scores = plan.scores
-            self._check_weight(plan, boundary, explicit_weight)
-            self._check_half(plan, feats)
-            self._register(feats, plan)
+            check_weight(
+                self.method,
+                plan,
+                boundary=boundary,
+                explicit=explicit_weight,
+                window_open=self._window_open,
+            )
+            check_half(plan, feats, self.grad_scaler)
+            self._wiring.register(feats, plan, self._loss_scale, self._weight, self.monitor)
             self._plan = plan
         except BaseException:
             self._plan = None
-            self._hooks.release()
+            self._wiring.hooks.release()
+            self._wiring.forget()
             self._lock.release()
             raise
 
@@ -415,14 +442,14 @@ class ModulationContext:
         """Remove the hooks; after a clean backward, land the method's own gradients and
         advance its state. A block that raised leaves both untouched."""
         plan, self._plan = self._plan, None
-        norms, self._norms = self._norms, None
         if plan is None:  # not active: nothing to leave
             return
         try:
-            missed = self._hooks.missed()
-            scaled = self._hooks.scaled_any()
-            self._hooks.release()
+            hooks = self._wiring.hooks
+            missed, scaled = hooks.missed(), hooks.scaled_any()
+            hooks.release()
             if exc_type is not None:
+                self._wiring.forget()
                 return
             if not missed and not scaled and self._update is None:
                 raise StepError(
@@ -452,8 +479,9 @@ class ModulationContext:
             if self._update is not None:
                 adds = bool(plan.inject or plan.accumulate or plan.transform)
                 self._update.record(self._coeffs, self._boundary, adds)
-            if norms is not None:
-                self._report(plan, *norms)
+            if self.monitor is not None:
+                scale = _dist.loss_scale(self.grad_scaler)
+                self._wiring.report(self.monitor, plan, self._boundary, scale)
         finally:
             self._lock.release()
 
@@ -463,8 +491,15 @@ class ModulationContext:
         if device == self._coeffs.device:
             return
         self._coeffs = torch.ones(len(self.names), device=device, dtype=coefficient_dtype(device))
-        self._hooks = HookSet(self._hook_coefficients())
         self._binding = dataclasses.replace(self._binding, device=device)
+        self._wiring = Wiring(
+            self._binding,
+            self._targets,
+            self._needs,
+            self.mode,
+            self._coeffs,
+            update=self._update is not None,
+        )
 
     def _set_coefficients(self, plan: StepPlan) -> None:
         c = plan.coefficients
@@ -477,164 +512,9 @@ class ModulationContext:
         # Defensive: a non-finite coefficient never reaches a gradient (1 = untouched).
         self._coeffs.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
 
-    def _hook_coefficients(self) -> Tensor:
-        """What the hooks multiply by: the coefficients, or ones at the update level (where a
-        gradient transform, OGM-GE's noise, still runs but the coefficient acts on the step)."""
-        if self._update is None:
-            return self._coeffs
-        return torch.ones_like(self._coeffs)
-
-    def _hooks_features(self) -> bool:
-        n = self._needs
-        if self.act == "update":
-            return n.injects_into_features
-        return self.mode == "feature" or n.level == "responses" or n.injects_into_features
-
-    def _check_step(
-        self, features: Mapping[str, Tensor] | None, targets: Tensor | None, boundary: bool
-    ) -> Step:
-        """Validate one step's inputs before anything is touched."""
-        problems = self._watch.problems()
-        if targets is None:
-            problems.append("no targets for this step: enter with ctx(features=..., targets=y)")
-        elif not isinstance(targets, Tensor):
-            problems.append(f"targets must be a tensor; got {type(targets).__name__}")
-        check_features(
-            self.method,
-            self.names,
-            features,
-            self._hooks_features(),
-            problems,
-        )
-        step = None
-        if not problems:
-            assert targets is not None
-            step = Step(features or {}, targets, self._reduce, boundary, self._loss_scale)
-            problems.extend(self.method.check_step(self._binding, step))
-        if problems:
-            raise StepError("; ".join(problems))
-        assert step is not None
-        if self.mode == "feature" and not self._feature_checked and features is not None:
-            check_feature_graph(self._model, self._binding, features)
-            self._feature_checked = True
-        return step
-
-    def _check_weight(self, plan: StepPlan, boundary: bool, explicit: bool) -> None:
-        """Refuse a block of an accumulation window without ``weight=`` when the method adds
-        gradients of its own: whether the user's loss is divided by ``n`` is not knowable."""
-        if explicit or not (plan.inject or plan.accumulate):
-            return
-        if boundary and not self._window_open:
-            return
-        raise StepError(
-            f"gradient accumulation (a block with boundary=False{'' if not boundary else ' before this one'}) "
-            f"needs weight= on every block of the window: {type(self.method).__name__} adds "
-            "gradients of its own (head losses, direction loss) that must be divided like your "
-            "loss: pass weight=1/n if you divide the loss by the n micro-batches, weight=1.0 if "
-            "you sum them"
-        )
-
-    def _check_half(self, plan: StepPlan, features: Mapping[str, Tensor]) -> None:
-        """Refuse float16 features without a ``grad_scaler`` when the method adds gradients of
-        its own: float16 training scales its loss with a ``GradScaler``, and gradients added
-        without its scale would be off by it after ``unscale_`` (``grad_scaler=False``: no
-        scaler, on purpose)."""
-        if self.grad_scaler is not None or not (plan.inject or plan.accumulate):
-            return
-        if any(f.dtype == torch.float16 for f in features.values()):
-            raise StepError(
-                "float16 features but no grad_scaler: with a GradScaler, pass "
-                "grad_scaler=scaler (the method's own gradients must be scaled like the loss); "
-                "training float16 without one, pass grad_scaler=False"
-            )
-
     def _reduce(self, t: Tensor) -> Tensor:
         return _dist.reduce_sum(t, self.process_group)
 
     def _loss_scale(self) -> Tensor | None:
         """The scaler's scale, read inside backward (after ``scaler.scale(loss)``)."""
         return _dist.loss_scale(self.grad_scaler)
-
-    def _register(self, features: Mapping[str, Tensor], plan: StepPlan) -> None:
-        hooks = self._hooks
-        on_params = self._needs.level == "encoders" and self.mode == "parameter"
-        if self._update is not None:  # the coefficients act on the step, not here
-            on_params = on_params and plan.transform is not None
-        observe_after = self._observe(on_params) if self.monitor is not None else None
-        if not on_params:
-            scaled = {id(t) for t in features.values()}
-            heads = [ps[0] for ps in self._binding.groups.values() if ps]
-            hooks.claim([p for p in heads if p.requires_grad and id(p) not in scaled])
-        # Injections first: a coefficient that scales the same tensor scales them too.
-        hooks.inject(plan.inject, self._loss_scale, self._weight)
-        if self._update is not None:
-            if plan.transform is not None and on_params:
-                hooks.scale(
-                    {m: list(self._targets.encoders.get(n, ())) for m, n in enumerate(self.names)},
-                    plan.transform,
-                )
-            elif plan.transform is not None:
-                raise RuntimeError(
-                    f"{type(self.method).__name__} transforms parameter gradients, which needs "
-                    "mode='parameter'"
-                )
-        elif self._needs.level == "responses" or self.mode == "feature":
-            if plan.transform is not None:
-                raise RuntimeError(
-                    f"{type(self.method).__name__} transforms parameter gradients, which needs "
-                    "mode='parameter'"
-                )
-            hooks.scale({m: [features[n]] for m, n in enumerate(self.names)}, None)
-        else:
-            hooks.scale(
-                {m: list(self._targets.encoders.get(n, ())) for m, n in enumerate(self.names)},
-                plan.transform,
-            )
-        hooks.extra(plan.hooks)
-        if observe_after is not None:
-            observe_after()
-
-    # ----------------------------------------------------------------------------- monitor
-    def _observe(self, on_params: bool) -> Callable[[], None]:
-        """Observe the norm of every encoder parameter's gradient in this block.
-
-        With parameter hooks (``on_params``), registers the observers that run before them
-        and returns the registration of those that run after them (leaf hooks run in insertion
-        order); without, the parameters receive their final gradient: one observer each, added
-        by the returned call.
-        """
-        groups = [self._binding.groups[n] for n in self.names]
-        before, after = GradNorms([len(g) for g in groups]), GradNorms([len(g) for g in groups])
-        self._norms = (before, after, on_params)
-        tensors = [
-            (m, i, p) for m, g in enumerate(groups) for i, p in enumerate(g) if p.requires_grad
-        ]
-        hooks = self._hooks
-        if not on_params:
-            return lambda: hooks.observe(tensors, [after])
-        hooked = {id(t) for ts in self._targets.encoders.values() for t in ts}
-        scaled = [x for x in tensors if id(x[2]) in hooked]
-        hooks.observe(scaled, [before])
-        hooks.observe([x for x in tensors if id(x[2]) not in hooked], [before, after])
-        return lambda: hooks.observe(scaled, [after])
-
-    def _report(self, plan: StepPlan, before: GradNorms, after: GradNorms, seen: bool) -> None:
-        """Hand a clean block's record to the monitor (device operations only)."""
-        assert self.monitor is not None
-        dtype, device = self._coeffs.dtype, self._coeffs.device
-        norm_after = after.totals(dtype, device)
-        if seen:  # observed on both sides of the scaling hooks
-            norm_before = before.totals(dtype, device)
-        elif self._update is not None:  # the coefficients act on the update: nothing scaled
-            norm_before = norm_after
-        elif self._needs.level == "responses":  # every response reaches every encoder
-            norm_before = torch.full_like(norm_after, math.nan)
-        else:  # feature mode: encoder m's parameters received k_m times their gradient
-            k = self._coeffs.abs()
-            norm_before = torch.where(k == 0, math.nan, norm_after / k)
-        scale = _dist.loss_scale(self.grad_scaler)
-        if scale is not None:
-            norm_before, norm_after = norm_before / scale, norm_after / scale
-        self.monitor._record(
-            self.names, self._boundary, self._coeffs, plan.scores, norm_before, norm_after
-        )

@@ -20,6 +20,7 @@ from ._cggm import CGGM
 from ._fixed import Fixed
 from ._multiloss import MLB, MultiLoss
 from ._ogm import OGMGE
+from ._registry import REGISTRY, Registered, register, register_preset
 
 __all__ = [
     "AGM",
@@ -27,6 +28,10 @@ __all__ = [
     "Fixed",
     "MLB",
     "OGMGE",
+    "REGISTRY",
+    "Registered",
+    "register",
+    "register_preset",
     "MultiLoss",
     "Binding",
     "GradHook",

@@ -18,6 +18,7 @@ from .._protocol import (
 )
 from ._args import check_args
 from ._heads import global_mean
+from ._registry import register
 
 __all__ = ["AGM"]
 
@@ -27,6 +28,10 @@ _OFFICIAL_CAPS = {2: 10.0, 3: 7.0, 4: 7.0}
 SAFE_CAP = 1.0
 
 
+@register(
+    "agm",
+    presets={"agm-official": (lambda m: AGM(official=True), "AGM with the official rule")},
+)
 class AGM(Method):
     r"""Adaptive gradient modulation, applied to the gradients of mono-modal responses.
 

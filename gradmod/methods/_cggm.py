@@ -24,6 +24,7 @@ from .._protocol import (
 from ._args import check_args
 from ._direction import WHAT, check_direction, direction_gradient, head_matrices
 from ._heads import global_mean, run_heads
+from ._registry import register
 
 __all__ = ["CGGM"]
 
@@ -35,6 +36,10 @@ def _l1(pred: Tensor, target: Tensor) -> Tensor:
     return F.l1_loss(pred.reshape(target.shape), target.to(pred.dtype))
 
 
+@register(
+    "cggm",
+    presets={"cggm-official": (lambda m: CGGM(official=True), "CGGM with the official arithmetic")},
+)
 class CGGM(Method):
     r"""Classifier-guided gradient modulation.
 

@@ -11,12 +11,14 @@ from torch import Tensor
 
 from .._errors import ConfigurationError, StepError
 from .._protocol import Binding, Method, Needs, Step, StepPlan, coefficient_dtype
+from ._registry import register
 
 __all__ = ["Fixed"]
 
 Schedule = Callable[[int], Sequence[float] | Mapping[str, float] | Tensor]
 
 
+@register("fixed", make=lambda m: Fixed([0.5 + i for i in range(m)]))
 class Fixed(Method):
     r"""Coefficients you choose: a constant per modality, or a function of the step.
 

@@ -26,6 +26,7 @@ from .._protocol import (
 from ._args import Check, check_args
 from ._direction import check_direction, direction_injection
 from ._heads import global_mean, run_heads
+from ._registry import register
 
 __all__ = ["MLB", "MultiLoss"]
 
@@ -43,6 +44,7 @@ def _squared_errors(pred: Tensor, target: Tensor) -> Tensor:
     return (p - target.reshape(p.shape).to(p.dtype)).square().mean(dim=1)
 
 
+@register("multiloss")
 class MultiLoss(Method):
     r"""Plain multi-loss training: :math:`L = L_\text{fused} + w \sum_m L_m`, no coefficients.
 
@@ -185,6 +187,15 @@ class MultiLoss(Method):
         return g
 
 
+@register(
+    "mlb",
+    presets={
+        "mlb-official": (
+            lambda m: MLB(scale="official"),
+            "MLB as the official code: the fusion weight's column blocks scaled too",
+        )
+    },
+)
 class MLB(MultiLoss):
     r"""Multi-loss balanced modulation: multi-loss training plus balancing coefficients.
 

@@ -23,6 +23,7 @@ from .._protocol import (
     finite_step,
 )
 from ._args import check_args
+from ._registry import register
 
 __all__ = ["OGMGE"]
 
@@ -30,6 +31,10 @@ ParamFilter = Literal["encoder", "conv"] | Callable[[Tensor], bool]
 _SEED_SPACE = 2**63
 
 
+@register(
+    "ogm-ge",
+    presets={"ogm": (lambda m: OGMGE(ge=False), "OGM without the GE noise")},
+)
 class OGMGE(Method):
     r"""On-the-fly gradient modulation, with generalisation-enhancement (GE) noise.
 

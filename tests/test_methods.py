@@ -506,6 +506,32 @@ def test_ge_noise_is_reproducible_and_seeded() -> None:
     assert not torch.equal(first["enc.a.0.weight"], second["enc.a.0.weight"])
 
 
+def test_ge_noise_is_the_documented_draw_whatever_the_hook_order() -> None:
+    """Recomputed from the documented rule: modality m's noise is ONE standard normal draw from
+    a generator seeded by hash((seed, optimizer step, m)) % 2**63, laid out over its tensors in
+    parameter order, each slice times (std(g) + 1e-8). The layout, not the order in which the
+    hooks fire, decides each tensor's slice."""
+    model, twin = wide()
+    ctx = ctx_for(model, gradmod.OGMGE(alpha=0.5, seed=21), fusion="head")
+    noises, _, _ = noise_of(model, twin, ctx)
+    dtype = DTYPE if DTYPE in (torch.float16, torch.bfloat16) else torch.float32
+    for m, name in enumerate(ctx.names):
+        params = [(pn, p) for pn, p in model.named_parameters() if enc_of(pn) == name]
+        gen = torch.Generator(device=DEVICE).manual_seed(hash((21, 1, m)) % 2**63)
+        total = sum(p.numel() for _, p in params)
+        flat = torch.randn(total, generator=gen, device=DEVICE, dtype=dtype).double()
+        start = 0
+        for pn, p in params:
+            noise, g = noises[pn]
+            z = flat[start : start + p.numel()].view(p.shape)
+            start += p.numel()
+            expected = z * (float(g.std()) + 1e-8)
+            # got - k * plain: the roundings of k * g, of the sum and of the noise's own dtype
+            rel = max(RTOL, 1e-6)
+            tol = (float(g.abs().max()) + float(expected.abs().max())) * rel * 4
+            assert float((noise - expected).abs().max()) <= tol + ATOL, pn
+
+
 def test_ge_noise_once_per_optimizer_step_with_the_accumulated_std() -> None:
     model, twin = wide()
     ctx = ctx_for(model, gradmod.OGMGE(alpha=0.5, seed=3), fusion="head")

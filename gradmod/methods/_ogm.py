@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Literal
 
@@ -53,8 +54,9 @@ class OGMGE(Method):
     record their unscaled gradients, and the boundary micro-batch adds noise with the std of
     the accumulated unscaled gradient. Under a ``GradScaler`` the std and the ``1e-8`` are
     taken in the scaled space, so after ``unscale_`` the noise is exactly as specified. Each
-    tensor's noise comes from a generator seeded by ``(seed, optimizer step, modality,
-    tensor)``: reproducible, independent of the order in which hooks fire, and identical on
+    modality's noise is drawn at once, for all its tensors, from a generator seeded by
+    ``(seed, optimizer step, modality)``, and each tensor takes its fixed slice (in parameter
+    order): reproducible, independent of the order in which hooks fire, and identical on
     every DDP rank (so averaging over ranks does not shrink it; its std is then the mean of
     the ranks' local stds, added before DDP's all-reduce).
 
@@ -128,6 +130,7 @@ class OGMGE(Method):
         # accumulation window, per (modality, tensor) (not in state_dict: see the README).
         self._pending: dict[tuple[int, int], Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._layouts: tuple[weakref.ref[Binding], _Layout] | None = None
 
     def needs(self) -> Needs:
         return Needs(
@@ -240,6 +243,7 @@ class OGMGE(Method):
             boundary=step.boundary,
             noise_step=int(self.noise_steps) + 1,  # host-side: the counter lives on the host
             loss_scale=step.loss_scale,
+            layout=self._layout(binding),
         )
 
         def commit() -> None:
@@ -265,7 +269,22 @@ class OGMGE(Method):
             scores={"true_class_probability_sum": scores},
         )
 
+    def __getstate__(self) -> dict[str, object]:
+        """Copies and pickles leave the layout cache (a weak reference) out."""
+        state = self.__dict__.copy()
+        state["_layouts"] = None
+        return state
+
     # ------------------------------------------------------------------------------ GE noise
+    def _layout(self, binding: Binding) -> _Layout:
+        """The noise layout of ``binding``'s modulated tensors (built once per binding)."""
+        cached = self._layouts
+        if cached is None or cached[0]() is not binding:
+            groups = self.targets(binding).encoders
+            layout = _Layout([list(groups[n]) for n in binding.names])
+            cached = self._layouts = (weakref.ref(binding), layout)
+        return cached[1]
+
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
         if gen is None:
@@ -273,19 +292,65 @@ class OGMGE(Method):
         return gen
 
 
+class _Layout:
+    """Where each modulated tensor's noise lies in its modality's flat buffer: ``offsets[m][i]``
+    and ``numels[m][i]`` for tensor ``i`` of modality ``m`` (in :meth:`OGMGE.targets` order),
+    ``totals[m]`` the buffer's length and ``dtypes[m]`` the dtype it is drawn in."""
+
+    __slots__ = ("dtypes", "numels", "offsets", "totals")
+
+    def __init__(self, groups: list[list[Tensor]]) -> None:
+        self.numels = [[t.numel() for t in ts] for ts in groups]
+        self.offsets = [[sum(ns[:i]) for i in range(len(ns))] for ns in self.numels]
+        self.totals = [sum(ns) for ns in self.numels]
+        self.dtypes = [_noise_dtype(ts) for ts in groups]
+
+
+def _noise_dtype(tensors: list[Tensor]) -> torch.dtype:
+    """The dtype a modality's noise is drawn in: the tensors' own half dtype when they all share
+    one (no float32 temporary), else float32 (float64 noise would cost ~4x; the noise is
+    rounded to the gradient's dtype either way)."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1 and (only := dtypes.pop()) in (torch.float16, torch.bfloat16):
+        return only
+    return torch.float32
+
+
+def _seed(seed: int, noise_step: int, m: int, i: int | None = None) -> int:
+    """The seed of modality ``m``'s noise at optimizer step ``noise_step`` (of tensor ``i`` for
+    a tensor whose gradient does not have its parameter's size)."""
+    key = (seed, noise_step, m) if i is None else (seed, noise_step, m, i)
+    return hash(key) % _SEED_SPACE
+
+
 class _NoiseBlock:
     """The GE noise of one ``with`` block: what its hooks record is staged until the block exits
-    cleanly (:meth:`commit`), so a failed micro-batch that is redone counts once."""
+    cleanly (:meth:`commit`), so a failed micro-batch that is redone counts once.
+
+    At the boundary, the first hook of modality ``m`` draws the noise of ALL its tensors at
+    once, from a generator seeded by ``(seed, optimizer step, m)``, into one flat buffer; each
+    tensor's hook takes its slice (fixed by the layout, not by the order in which hooks fire)
+    and scales it in place by its std. The buffer is dropped when its last slice is used.
+    """
 
     def __init__(
-        self, method: OGMGE, *, boundary: bool, noise_step: int, loss_scale: LossScale
+        self,
+        method: OGMGE,
+        *,
+        boundary: bool,
+        noise_step: int,
+        loss_scale: LossScale,
+        layout: _Layout,
     ) -> None:
         self.method = method
         self.boundary = boundary
         self.noise_step = noise_step
         self.loss_scale = loss_scale
+        self.layout = layout
         self.staged: dict[tuple[int, int], Tensor] = {}
         self.seen: set[tuple[int, int]] = set()
+        # per modality: (flat noise buffer, slices still to hand out) while its hooks run
+        self.buffers: dict[tuple[int, torch.device], tuple[Tensor, int]] = {}
 
     def commit(self) -> None:
         pending = self.method._pending
@@ -293,6 +358,30 @@ class _NoiseBlock:
             pending.clear()
         else:
             pending.update(self.staged)
+
+    def _noise(self, m: int, i: int, grad: Tensor) -> Tensor:
+        """Standard normal noise of tensor ``i`` of modality ``m``, shaped like ``grad`` (a
+        slice of the modality's buffer, which this block owns and may scale in place)."""
+        layout = self.layout
+        gen = self.method._generator(grad.device)
+        if i >= len(layout.numels[m]) or layout.numels[m][i] != grad.numel():
+            # a gradient of another size than its parameter (never for dense parameters):
+            # drawn on its own, seeded by the tensor too
+            gen.manual_seed(_seed(self.method.seed, self.noise_step, m, i))
+            return torch.randn(grad.shape, generator=gen, device=grad.device)
+        where = (m, grad.device)  # one buffer per device of a model split across devices
+        entry = self.buffers.get(where)
+        if entry is None:
+            gen.manual_seed(_seed(self.method.seed, self.noise_step, m))
+            buf = torch.empty(layout.totals[m], device=grad.device, dtype=layout.dtypes[m])
+            entry = (buf.normal_(generator=gen), len(layout.numels[m]))
+        buf, left = entry
+        if left > 1:
+            self.buffers[where] = (buf, left - 1)
+        else:  # the last slice: the buffer goes with it
+            self.buffers.pop(where, None)
+        start = layout.offsets[m][i]
+        return buf[start : start + grad.numel()].view(grad.shape)
 
     def transform(self, k: Tensor, m: int, i: int, grad: Tensor) -> Tensor:
         """``k * grad`` plus, at the boundary micro-batch, the GE noise (a gradient hook)."""
@@ -311,19 +400,24 @@ class _NoiseBlock:
                 "boundary=False on all but the last"
             )
         self.seen.add(key)
-        scaled = (grad * k).to(grad.dtype)
         before = self.method._pending.get(key)
         total = grad.detach() if before is None else before + grad.detach()
         if not self.boundary:
             self.staged[key] = total if before is not None else total.clone()
-            return scaled
+            return (grad * k).to(grad.dtype)
         if total.numel() > 1:
-            std = torch.nan_to_num(total.float().std(), nan=0.0, posinf=0.0, neginf=0.0)
+            wide = total if total.dtype in (torch.float32, torch.float64) else total.float()
+            std = torch.nan_to_num(wide.std(), nan=0.0, posinf=0.0, neginf=0.0)
         else:  # the unbiased std of one number is undefined: no noise
             std = total.new_zeros((), dtype=torch.float32)
         scale = self.loss_scale()  # read inside backward: the loss may be scaled in the block
-        eps = 1e-8 * (scale.float() if scale is not None else 1.0)
-        gen = self.method._generator(grad.device)
-        gen.manual_seed(hash((self.method.seed, self.noise_step, m, i)) % _SEED_SPACE)
-        noise = torch.randn(grad.shape, generator=gen, device=grad.device, dtype=torch.float32)
-        return scaled + (noise * (std + eps)).to(grad.dtype)
+        sigma = std + 1e-8 * (scale.to(std.dtype) if scale is not None else 1.0)
+        noise = self._noise(m, i, grad)
+        if noise.dtype == grad.dtype and grad.dim() > 0:
+            # In place in the noise (this block's own buffer), which becomes the gradient: no
+            # allocation (allocating is what costs most on CPU), one or two passes.
+            if k.device.type == "cpu" and bool(k == 1):  # no host sync on a CPU tensor
+                return torch.addcmul(grad, noise, sigma, out=noise)  # g + sigma * noise
+            return noise.mul_(sigma).addcmul_(grad, k)  # sigma * noise + k * g
+        out = (grad * k).to(grad.dtype)  # a 0-d gradient times a 0-d factor would promote
+        return out.add_((noise * sigma.float()).to(grad.dtype))

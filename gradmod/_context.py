@@ -412,6 +412,7 @@ class ModulationContext:
                 boundary=boundary,
                 reduce=self._reduce,
                 loss_scale=self._loss_scale,
+                needs=self._needs,
             )
             if self.mode == "feature" and not self._feature_checked and features is not None:
                 check_feature_graph(self._model, self._binding, features)

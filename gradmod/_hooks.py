@@ -26,6 +26,9 @@ KEY = "gradmod.modulation"
 
 
 _HOOK_DICT = operator.attrgetter("_backward_hooks")
+_GRAD_FN = operator.attrgetter("grad_fn")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_DTYPE = operator.attrgetter("dtype")
 
 
 def _identity(grad: Tensor) -> Tensor:
@@ -177,6 +180,11 @@ class HookSet:
     itself 0-d (a scalar parameter): there the float64 product is rounded back to its dtype.
     Gradient transforms receive the same views and must return the gradient's dtype.
 
+    Gradients of a lower precision than float64 are multiplied by views of a float32 copy of
+    the coefficients (refreshed when the hooks are registered): the same product bit for bit
+    (a 0-d factor is converted to the gradient's dtype, or to float32 for half gradients, before
+    the multiply either way), without a float64 scalar to convert for every gradient.
+
     Injections are added once per block: a second backward through the same tensor inside one
     block (``backward(retain_graph=True)`` twice) passes its gradient through unchanged, so the
     method's objective is counted once, as the heads' own gradients are.
@@ -185,11 +193,21 @@ class HookSet:
     def __init__(self, coefficients: Tensor) -> None:
         self._coeffs = coefficients
         self._views = [coefficients[i] for i in range(coefficients.shape[0])]
+        # a float32 copy for float32 and half gradients (float64 coefficients only)
+        self._low = coefficients.float() if coefficients.dtype == torch.float64 else None
+        self._low_views = self._views if self._low is None else list(self._low.unbind())
         self._handles: list[RemovableHandle] = []
         self._keyed: list[dict[object, Callable[[Tensor], Tensor | None]]] = []
         self._fired: list[bool] = []
         self._what: list[str] = []
-        self._scaled: list[bool] = []
+        # one flag per modality, set by its first scaling hook: one list for the HookSet's life,
+        # since the cached hooks below hold it
+        self._scaled: list[bool] = [False] * len(self._views)
+        # the scaling hooks of the last plain (no transform) ``scale`` call, for the same
+        # tensors: (the mapping they came from, flat tensors, hook functions, their dtypes)
+        self._prepared: (
+            tuple[object, list[Tensor], list[Callable[[Tensor], Tensor]], list[torch.dtype]] | None
+        ) = None
         self._observers: list[tuple[dict[object, Callable[[Tensor], Tensor | None]], object]] = []
 
     # --------------------------------------------------------------------------- registering
@@ -205,6 +223,31 @@ class HookSet:
             raise ContextError(CONFLICT)
         self._keyed.append(hooks)
 
+    def _put_many(
+        self, tensors: Sequence[Tensor], fns: Sequence[Callable[[Tensor], Tensor | None]]
+    ) -> None:
+        """:meth:`_put` for each ``(tensor, fn)``; where every tensor is a leaf that requires
+        grad and already has its hook dict (the common case from the second step on), a few
+        C-level passes instead of a Python frame per tensor."""
+        dicts = list(map(_HOOK_DICT, tensors))
+        kinds = set(map(type, dicts))  # OrderedDict (torch's): its own methods keep its order
+        kind = kinds.pop() if len(kinds) == 1 else None
+        if (
+            kind is None
+            or not issubclass(kind, dict)
+            or any(map(_GRAD_FN, tensors))
+            or not all(map(_REQUIRES_GRAD, tensors))
+        ):
+            for t, fn in zip(tensors, fns, strict=True):
+                self._put(t, fn)
+            return
+        got = list(map(kind.setdefault, dicts, itertools.repeat(KEY), fns))
+        if any(map(operator.is_not, got, fns)):  # another context holds some of them
+            self._keyed.extend(d for d, g, f in zip(dicts, got, fns, strict=True) if g is f)
+            self.release()
+            raise ContextError(CONFLICT)
+        self._keyed.extend(dicts)
+
     @staticmethod
     def held_elsewhere(tensors: Sequence[Tensor]) -> bool:
         """Whether another active context holds any of ``tensors`` (checked before planning):
@@ -214,8 +257,7 @@ class HookSet:
 
     def claim(self, tensors: Sequence[Tensor]) -> None:
         """Mark ``tensors`` as held by this context without changing their gradients."""
-        for t in tensors:
-            self._put(t, _claimed)
+        self._put_many(tensors, [_claimed] * len(tensors))
 
     def inject(
         self, injections: Sequence[Injection], loss_scale: LossScale, weight: float = 1.0
@@ -231,27 +273,53 @@ class HookSet:
             self._handles.append(_register_hook(inj.tensor, adder))
 
     def scale(
-        self, tensors: Mapping[int, Sequence[Tensor]], transform: GradTransform | None
+        self,
+        tensors: Mapping[int, Sequence[Tensor]],
+        transform: GradTransform | None,
+        *,
+        reuse: bool = False,
     ) -> None:
         """Multiply the gradient of every tensor of modality ``m`` by ``k_m`` (or transform it).
 
         Leaf tensors (parameters) get their hook under one fixed key of their hook dict
         (:data:`KEY`): two dict operations per tensor and step instead of a handle object.
+        ``reuse``: ``tensors`` is the same mapping at every step (the encoder parameters): the
+        hooks of a plain scaling (no transform) depend only on the tensors, so the hooks built
+        the first time are kept and put back as they are.
         """
-        self._scaled = [False] * len(self._views)
+        self._scaled[:] = [False] * len(self._views)
+        if transform is None and self._low is not None:
+            self._low.copy_(self._coeffs)
+        prepared = self._prepared
+        if (
+            transform is None
+            and prepared is not None
+            and prepared[0] is tensors
+            and list(map(_DTYPE, prepared[1])) == prepared[3]
+        ):
+            self._put_many(prepared[1], prepared[2])
+            return
+        flat: list[Tensor] = []
+        fns: list[Callable[[Tensor], Tensor]] = []
         for m, ts in tensors.items():
             k = self._views[m]
             for i, t in enumerate(ts):
                 fn: Callable[[Tensor], Tensor]
                 if transform is not None:
                     fn = functools.partial(transform, k, m, i)
-                elif t.dim() == 0 and t.dtype != k.dtype:
-                    fn = functools.partial(_mul_0d, k)  # 0-d times 0-d would promote
-                else:
+                elif t.dim() == 0:  # 0-d times 0-d would promote (whatever dtype it has later)
+                    fn = functools.partial(_mul_0d, k)
+                elif t.dtype == torch.float64:
                     fn = k.mul
+                else:
+                    fn = self._low_views[m].mul
                 if i == 0:  # one witness per modality that its gradients went through a hook
                     fn = functools.partial(_witness, self._scaled, m, fn)
-                self._put(t, fn)
+                flat.append(t)
+                fns.append(fn)
+        if transform is None and reuse:
+            self._prepared = (tensors, flat, fns, list(map(_DTYPE, flat)))
+        self._put_many(flat, fns)
 
     def observe(
         self, tensors: Sequence[tuple[int, int, Tensor]], sinks: Sequence[GradNorms]
@@ -299,7 +367,7 @@ class HookSet:
         self._observers.clear()
         self._fired.clear()
         self._what.clear()
-        self._scaled = []
+        self._scaled[:] = [False] * len(self._scaled)
 
     def _adder(
         self, g: Tensor, slot: int, loss_scale: LossScale

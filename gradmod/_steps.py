@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._errors import StepError
-from ._protocol import Binding, LossScale, Method, Reduce, Step, StepPlan
+from ._protocol import Binding, LossScale, Method, Needs, Reduce, Step, StepPlan
 from ._validate import ParameterWatch, check_features
 
 __all__ = ["check_half", "check_step", "check_weight"]
@@ -25,15 +25,17 @@ def check_step(
     boundary: bool,
     reduce: Reduce,
     loss_scale: LossScale,
+    needs: Needs | None = None,
 ) -> Step:
     """This step's inputs as a :class:`Step`, or a ``StepError`` listing every problem (the
-    encoders' identity, the targets, the features, the method's own step checks)."""
+    encoders' identity, the targets, the features, the method's own step checks). ``needs``:
+    the method's declaration read at construction (default: asked again)."""
     problems = watch.problems()
     if targets is None:
         problems.append("no targets for this step: enter with ctx(features=..., targets=y)")
     elif not isinstance(targets, Tensor):
         problems.append(f"targets must be a tensor; got {type(targets).__name__}")
-    check_features(method, binding.names, features, live, problems)
+    check_features(method, binding.names, features, live, problems, needs)
     step = None
     if not problems:
         assert targets is not None

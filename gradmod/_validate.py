@@ -11,7 +11,7 @@ from torch import Tensor, nn, optim
 
 from ._errors import ConfigurationError
 from ._groups import Slot, fsdp_unsharded, is_sharded, reachable_leaves
-from ._protocol import Binding, Method, Targets
+from ._protocol import Binding, Method, Needs, Targets
 
 __all__ = [
     "ParameterWatch",
@@ -273,10 +273,12 @@ def check_features(
     features: Mapping[str, Tensor] | None,
     live: bool,
     problems: list[str],
+    needs: Needs | None = None,
 ) -> None:
-    """One step's features: keys and types, and graph attachment where hooks need it."""
+    """One step's features: keys and types, and graph attachment where hooks need it
+    (``needs``: the method's declaration, read at construction; default: asked again)."""
     who = type(method).__name__
-    need = method.needs().features or live
+    need = live or (needs if needs is not None else method.needs()).features
     if features is None:
         if need:
             problems.append(

@@ -39,6 +39,7 @@ class Wiring:
         self.hooks = HookSet(torch.ones_like(coefficients) if update else coefficients)
         # the block's gradient norms and how they are read, when monitored
         self._norms: tuple[GradNorms, GradNorms, GradNorms, str] | None = None
+        self._encoders: dict[int, list[Tensor]] | None = None
 
     def live_features(self) -> bool:
         """Whether this block hooks the features (they must be in the autograd graph)."""
@@ -48,7 +49,14 @@ class Wiring:
         return self.mode == "feature" or n.level == "responses" or n.injects_into_features
 
     def _encoder_tensors(self) -> dict[int, list[Tensor]]:
-        return {m: list(self.targets.encoders.get(n, ())) for m, n in enumerate(self.binding.names)}
+        """The tensors of each modality that get a parameter hook (built once: the same mapping
+        at every step lets the hook set reuse its hooks)."""
+        if self._encoders is None:
+            names = self.binding.names
+            self._encoders = {
+                m: list(self.targets.encoders.get(n, ())) for m, n in enumerate(names)
+            }
+        return self._encoders
 
     def register(
         self,
@@ -76,7 +84,7 @@ class Wiring:
         if plan.transform is not None and not on_params:
             raise RuntimeError("a gradient transform needs parameter hooks (mode='parameter')")
         if on_params:
-            hooks.scale(self._encoder_tensors(), plan.transform)
+            hooks.scale(self._encoder_tensors(), plan.transform, reuse=True)
         elif not self.update:  # feature mode, or responses
             hooks.scale({m: [features[n]] for m, n in enumerate(self.binding.names)}, None)
         hooks.extra(plan.hooks)

@@ -42,6 +42,14 @@ Variants:
   monitor ("monitor cost" lines under the table: the median of the per-repetition ratio
   on / off, with its ~95 % CI).
 
+* ``... hand-written``: MLB and OGM-GE written inline in the training step as the official
+  scripts do (MLB: the heads' losses added to the loss, the coefficients computed inline and
+  every encoder gradient multiplied by ``k_m`` after backward; OGM-GE: logits off the head's
+  column blocks, coefficients and GE noise inline after backward, with gradmod's documented
+  random stream). Each is paired with gradmod's full step of the same method ("gradmod /
+  hand-written" lines: the median of the per-repetition ratio, with its ~95 % CI); the test
+  suite checks that both compute the same gradients.
+
 ``--variants`` times a subset (short keys, see ``--help``; ``plain`` is always timed, as the
 reference of every ratio).
 
@@ -96,6 +104,10 @@ AGM_INPUT = "AGM, official input masking (METHOD cost: 7 full-model forwards)"
 PARAM_MON = "gradmod parameter mode + Monitor"
 FEATURE_MON = "gradmod feature mode + Monitor"
 UPDATE_FAST_MON = "gradmod update level, fast path + Monitor"
+MLB_HAND = (
+    "MLB hand-written (heads' losses and coefficients inline, encoder grads *= k after backward)"
+)
+OGM_HAND = "OGM-GE hand-written (logits, coefficients and GE noise inline after backward)"
 VARIANTS = (
     PLAIN,
     CONTROL,
@@ -112,6 +124,8 @@ VARIANTS = (
     PARAM_MON,
     FEATURE_MON,
     UPDATE_FAST_MON,
+    MLB_HAND,
+    OGM_HAND,
 )
 #: ``--variants`` keys.
 KEYS = dict(
@@ -132,6 +146,8 @@ KEYS = dict(
             "param+monitor",
             "feature+monitor",
             "update-fast+monitor",
+            "mlb-hand",
+            "ogm-hand",
         ),
         VARIANTS,
         strict=True,
@@ -139,6 +155,12 @@ KEYS = dict(
 )
 #: Rows timed with a Monitor, and the row without it that each is paired with.
 MONITORED = {PARAM_MON: PARAM, FEATURE_MON: FEATURE, UPDATE_FAST_MON: UPDATE_FAST}
+#: gradmod's full step of a method, and the hand-written equivalent it is paired with.
+HANDWRITTEN = {MLB_FULL: MLB_HAND, OGM_FULL: OGM_HAND}
+#: The settings both sides of each pair use.
+MLB_ALPHA = 0.8
+OGM_ALPHA = 0.5
+OGM_SEED = 0
 
 
 # ------------------------------------------------------------------------------ coefficients
@@ -265,6 +287,12 @@ MODELS = ("mlp", "transformer")
 
 # ---------------------------------------------------------------------------------- variants
 Batch = tuple[list[Tensor], Tensor]
+MakeOpt = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+def adam(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer of every variant."""
+    return torch.optim.Adam(params, lr=1e-4)
 
 
 @dataclass
@@ -338,6 +366,12 @@ def make_variants(
         return method_step(m_cggm, gradmod.CGGM(rho=1.3, lam=0.2), heads=classifiers, fusion="head")
 
     feat_dim = base.head.in_features // len(NAMES)
+
+    def mlb_heads() -> dict[str, nn.Module]:
+        """The unimodal heads of both MLB rows: the same initialisation (seeded)."""
+        torch.manual_seed(1)
+        return {n: nn.Linear(feat_dim, N_CLASSES).to(device) for n in NAMES}
+
     builders: dict[str, Callable[[], Callable[[Batch], None]]] = {
         PLAIN: plain_step,
         CONTROL: plain_step,
@@ -348,12 +382,11 @@ def make_variants(
         UPDATE_FAST: lambda: method_step(fresh(), FixedCoefficients(), update="fast"),
         UPDATE_GENERAL: lambda: method_step(fresh(), FixedCoefficients(), update="general"),
         CGGM_FULL: cggm_step,
-        OGM_FULL: lambda: method_step(fresh(), gradmod.OGMGE(alpha=0.5), fusion="head"),
+        OGM_FULL: lambda: method_step(
+            fresh(), gradmod.OGMGE(alpha=OGM_ALPHA, seed=OGM_SEED), fusion="head"
+        ),
         MLB_FULL: lambda: method_step(
-            fresh(),
-            gradmod.MLB(alpha=0.8),
-            heads={n: nn.Linear(feat_dim, N_CLASSES).to(device) for n in NAMES},
-            mode="feature",
+            fresh(), gradmod.MLB(alpha=MLB_ALPHA), heads=mlb_heads(), mode="feature"
         ),
         AGM_FULL: lambda: agm_step(fresh(), inputs_masked=False),
         AGM_INPUT: lambda: agm_step(fresh(), inputs_masked=True),
@@ -367,6 +400,9 @@ def make_variants(
         UPDATE_FAST_MON: lambda: method_step(
             fresh(), FixedCoefficients(), update="fast", monitor=True
         ),
+        # what the official scripts write inline, paired with gradmod's full step
+        MLB_HAND: lambda: mlb_hand_step(fresh(), mlb_heads()),
+        OGM_HAND: lambda: ogm_hand_step(fresh()),
     }
     return [Variant(name, builders[name]()) for name in VARIANTS if name in selected]
 
@@ -380,20 +416,23 @@ def method_step(
     mode: gradmod.Mode | None = None,
     update: str | None = None,
     monitor: bool = False,
+    make_opt: MakeOpt | None = None,
 ) -> Callable[[Batch], None]:
     """A training step of ``method`` with its own optimizer (heads included).
 
     ``update``: ``None`` (gradient level), ``"fast"`` (update level, one param group per
     modality) or ``"general"`` (update level, one param group for the whole model).
     ``monitor``: give the context a :class:`gradmod.Monitor` (its records are cleared every
-    1000 blocks, so a long run does not grow memory).
+    1000 blocks, so a long run does not grow memory). ``make_opt``: builds the optimizer of
+    the gradient level from its parameters (default: :func:`adam`; the tests record gradients).
     """
     mon = gradmod.Monitor() if monitor else None
+    new_opt = make_opt or adam
     if update is None:
         ctx = gradmod.ModulationContext(
             model, heads, encoders=PATHS, method=method, fusion=fusion, mode=mode, monitor=mon
         )
-        opt = torch.optim.Adam([*model.parameters(), *ctx.classifier_parameters()], lr=1e-4)
+        opt = new_opt([*model.parameters(), *ctx.classifier_parameters()])
     else:
         if update == "fast":
             encs = [model.get_submodule(p) for p in PATHS.values()]
@@ -444,6 +483,90 @@ def agm_step(model: MultiModalNet, *, inputs_masked: bool) -> Callable[[Batch], 
         loss = F.cross_entropy(sum(phi.values()), y)  # type: ignore[arg-type]
         with ctx(features=phi, targets=y):
             loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def mlb_hand_step(
+    model: MultiModalNet,
+    heads: dict[str, nn.Module],
+    *,
+    alpha: float = MLB_ALPHA,
+    make_opt: MakeOpt = adam,
+) -> Callable[[Batch], None]:
+    """MLB written inline, as the official scripts do: the unimodal heads' losses added to the
+    fused loss, the coefficients :math:`k_m = 1 + \\tanh(\\alpha(r_m - 1))` from the heads' mean
+    true-class probabilities, and every encoder gradient multiplied by ``k_m`` after backward
+    (exact here: the gradients are zeroed, set to ``None``, after every step)."""
+    opt = make_opt([*model.parameters(), *(p for h in heads.values() for p in h.parameters())])
+    encoders = [list(model.get_submodule(PATHS[n]).parameters()) for n in NAMES]
+    m = len(NAMES)
+
+    def step(batch: Batch) -> None:
+        xs, y = batch
+        logits, feats = model(xs)
+        outs = [heads[n](feats[n]) for n in NAMES]
+        loss = F.cross_entropy(logits, y) + sum(F.cross_entropy(o, y) for o in outs)
+        with torch.no_grad():
+            s = torch.stack([F.softmax(o, 1).gather(1, y[:, None]).mean() for o in outs])
+            s = s.double()
+            r = (s.sum() - s) / (m - 1) / s
+            k = (1 + torch.tanh(alpha * (r - 1))).tolist()
+        loss.backward()
+        for ps, km in zip(encoders, k, strict=True):
+            for p in ps:
+                if p.grad is not None:
+                    p.grad *= km
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def ogm_hand_step(
+    model: MultiModalNet,
+    *,
+    alpha: float = OGM_ALPHA,
+    seed: int = OGM_SEED,
+    make_opt: MakeOpt = adam,
+) -> Callable[[Batch], None]:
+    """OGM-GE written inline after backward, as the official scripts do: unimodal logits from
+    the linear head's column blocks, summed true-class probabilities, ratio to the others'
+    mean, :math:`k = 1 - \\tanh(\\alpha \\rho)` for the dominant modality, and every encoder
+    gradient replaced by ``k g + N(0, (std(g) + 1e-8)^2)``. The noise is gradmod's documented
+    stream (one draw per modality from a generator seeded by ``(seed, step, modality)``, sliced
+    in parameter order), so that both rows compute the same gradients."""
+    opt = make_opt(list(model.parameters()))
+    encoders = [list(model.get_submodule(PATHS[n]).parameters()) for n in NAMES]
+    sizes = [sum(p.numel() for p in ps) for ps in encoders]
+    m = len(NAMES)
+    gen = torch.Generator(device=model.head.weight.device)
+    counter = [0]
+
+    def step(batch: Batch) -> None:
+        xs, y = batch
+        logits, feats = model(xs)
+        F.cross_entropy(logits, y).backward()
+        counter[0] += 1
+        with torch.no_grad():
+            w, b = model.head.weight, model.head.bias
+            blocks = w.split([feats[n].shape[1] for n in NAMES], dim=1)
+            z = [feats[n] @ wm.T + b / m for n, wm in zip(NAMES, blocks, strict=True)]
+            s = torch.stack([F.softmax(zm, 1).gather(1, y[:, None]).sum() for zm in z]).double()
+            rho = s / ((s.sum() - s) / (m - 1))
+            k = torch.where(rho > 1, 1 - torch.tanh(alpha * rho), torch.ones_like(rho))
+            for i, ps in enumerate(encoders):
+                gen.manual_seed(hash((seed, counter[0], i)) % 2**63)
+                noise = torch.randn(sizes[i], generator=gen, device=gen.device)
+                start = 0
+                for p in ps:
+                    g = p.grad
+                    assert g is not None
+                    zp = noise[start : start + g.numel()].view_as(g)
+                    start += g.numel()
+                    p.grad = g * k[i] + zp * (g.std() + 1e-8)
         opt.step()
         opt.zero_grad()
 
@@ -534,7 +657,7 @@ def run_model(
         q1, med, q3 = quartiles(ratios)
         ci = median_ci(ratios)
         rows.append(Row(v.name, statistics.median(v.times) * 1e3, med, q1, q3, ci))
-    return rows, n_params, elapsed, monitor_lines(variants)
+    return rows, n_params, elapsed, monitor_lines(variants) + hand_lines(variants)
 
 
 def monitor_lines(variants: Sequence[Variant]) -> list[str]:
@@ -548,6 +671,23 @@ def monitor_lines(variants: Sequence[Variant]) -> list[str]:
             med = statistics.median(ratios)
             lines.append(
                 f"monitor cost, {off.split(' (')[0]}: on / off {med:.4f} "
+                f"({(med - 1) * 100:+.2f} %), 95 % CI [{lo:.4f}, {hi:.4f}]"
+            )
+    return lines
+
+
+def hand_lines(variants: Sequence[Variant]) -> list[str]:
+    """gradmod's full step of a method against its hand-written equivalent, paired per
+    repetition (the median of gradmod / hand, with its ~95 % CI)."""
+    times = {v.name: v.times for v in variants}
+    lines = []
+    for full, hand in HANDWRITTEN.items():
+        if full in times and hand in times:
+            ratios = [a / b for a, b in zip(times[full], times[hand], strict=True)]
+            lo, hi = median_ci(ratios)
+            med = statistics.median(ratios)
+            lines.append(
+                f"gradmod / hand-written, {full.split(' (')[0]}: {med:.4f} "
                 f"({(med - 1) * 100:+.2f} %), 95 % CI [{lo:.4f}, {hi:.4f}]"
             )
     return lines

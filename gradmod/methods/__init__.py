@@ -9,6 +9,7 @@ from .._protocol import (
     LossScale,
     Method,
     Needs,
+    Prepared,
     Reduce,
     Step,
     StepPlan,
@@ -20,6 +21,7 @@ from ._cggm import CGGM
 from ._fixed import Fixed
 from ._multiloss import MLB, MultiLoss
 from ._ogm import OGMGE
+from ._opm import OPM
 from ._registry import REGISTRY, Registered, register, register_preset
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "Fixed",
     "MLB",
     "OGMGE",
+    "OPM",
     "REGISTRY",
     "Registered",
     "register",
@@ -40,6 +43,7 @@ __all__ = [
     "Level",
     "Method",
     "Needs",
+    "Prepared",
     "LossScale",
     "Reduce",
     "Step",

@@ -53,8 +53,8 @@ class _Drawn:
             "OPM with the official code's gradient of theta into the scores",
         ),
         "opm-unbiased": (
-            lambda m: OPM(rescale="per_modality"),
-            "OPM with inverted dropout per modality (kept features unbiased)",
+            lambda m: OPM(rescale="per_modality", p_exe=1.0),
+            "OPM as inverted dropout per modality on every step (kept features unbiased)",
         ),
     },
 )

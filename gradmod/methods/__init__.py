@@ -9,6 +9,7 @@ from .._protocol import (
     LossScale,
     Method,
     Needs,
+    Prepared,
     Reduce,
     Step,
     StepPlan,
@@ -21,6 +22,7 @@ from ._cggm import CGGM
 from ._fixed import Fixed
 from ._multiloss import MLB, MultiLoss
 from ._ogm import OGMGE
+from ._opm import OPM
 from ._registry import REGISTRY, Registered, register, register_preset
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "Fixed",
     "MLB",
     "OGMGE",
+    "OPM",
     "REGISTRY",
     "Registered",
     "register",
@@ -41,6 +44,7 @@ __all__ = [
     "Level",
     "Method",
     "Needs",
+    "Prepared",
     "LossScale",
     "Reduce",
     "Step",

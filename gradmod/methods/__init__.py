@@ -14,6 +14,7 @@ from .._protocol import (
     StepPlan,
     Targets,
     coefficient_dtype,
+    finite_step,
 )
 from ._agm import AGM
 from ._cggm import CGGM
@@ -46,4 +47,5 @@ __all__ = [
     "StepPlan",
     "Targets",
     "coefficient_dtype",
+    "finite_step",
 ]

@@ -24,7 +24,8 @@ by a per-step coefficient chosen by a published method, inside your own training
   method state that advances only when the block exits cleanly.
 * Methods, switched with ``method=``: :class:`MLB`, :class:`MultiLoss`, :class:`CGGM`
   (``official=True`` for parity with the authors' code), :class:`OGMGE`, :class:`OPM`
-  (drops the dominant modality's features in the forward: ``ctx.prepare``), :class:`AGM`, and
+  (drops the dominant modality's features in the forward: ``ctx.prepare``), :class:`AGM`,
+  :class:`InfoReg` (a proximal pull on the prime modality during the prime learning window), and
   :class:`Fixed` (your own constants or schedule: with ``act="update"``, modality-specific
   learning rates).
 * :mod:`gradmod.functional` — the pure math (coefficient rules, improvement-rate scaling,
@@ -50,6 +51,7 @@ from .methods import (
     Binding,
     Fixed,
     GradHook,
+    InfoReg,
     Injection,
     Method,
     MultiLoss,
@@ -68,6 +70,7 @@ __all__ = [
     "Act",
     "CGGM",
     "Fixed",
+    "InfoReg",
     "MLB",
     "OGMGE",
     "OPM",

@@ -110,6 +110,7 @@ class Run:
         except gradmod.ConfigurationError as e:
             assert e.problems  # refused with reasons, at construction
             pytest.skip(f"{name} refuses {use}: {e.problems[0]}")
+        self.ctx.set_epoch(0)  # as a training loop does: methods may count epochs
 
     def tensors(self) -> list[Tensor]:
         return [

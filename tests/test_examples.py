@@ -84,3 +84,19 @@ def test_lightning_example_slows_the_strong_modality_and_boosts_the_weak_one(
     epochs = run("lightning_mlb.py", capsys)
     assert len(epochs) == 4
     assert all(0 < k["audio"] < 1 < k["video"] for k in epochs)
+
+
+def test_inforeg_example_holds_the_clean_modality_back_while_the_window_is_open(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    runpy.run_path(str(EXAMPLES / "inforeg.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    rates = [ast.literal_eval(x) for x in re.findall(r"rate = (\{.*?\})", out)]
+    betas = [ast.literal_eval(x) for x in re.findall(r"beta = (\{.*\})", out)]
+    assert len(rates) == len(betas) == 6
+    assert rates[0] == {"audio": 1.0, "video": 1.0}
+    open_ = [r["audio"] > 0.05 for r in rates]
+    assert open_[:3] == [True] * 3 and not any(open_[3:])  # the audio window closes
+    for is_open, b in zip(open_, betas, strict=True):
+        assert b["video"] == 0.0  # video never leads
+        assert (0.95 <= b["audio"] <= 0.95 * 2.72) if is_open else b["audio"] == 0.0

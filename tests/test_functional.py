@@ -122,7 +122,8 @@ def test_scaling_invariance_official(delta: list[float], c: float, negate: bool)
 
 @given(st.integers(2, 8), st.floats(-1, 1), st.sampled_from(["safe", "official"]))
 def test_equal_improvements_give_equal_factors(m: int, d: float, policy: str) -> None:
-    assume(policy == "safe" or abs(d) > 1e-3)
+    # official: B = (M-1)/M + 1e-8 / (M (M d + 1e-8)), within 1e-6 of (M-1)/M once |d| > 5e-3
+    assume(policy == "safe" or abs(d) > 5e-3)
     out = GF.improvement_rate_scale(
         torch.zeros(m, dtype=F64, device=DEVICE),
         t([d] * m),

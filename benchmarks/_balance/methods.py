@@ -237,6 +237,28 @@ for _alpha in AGM_GRID:
     register(_name, grid=_alpha != 1.0, responses=True, alpha=_alpha)(agm)
 
 
+# ------------------------------------------------------------------------- gradmod.InfoReg
+def inforeg(parts: Parts, config: Config, opt: Optimizer) -> gradmod.ModulationContext:
+    """Unimodal logits (and their cross-entropies) off the linear fused head; the leading
+    modality pulled toward its epoch-start weights while the acquisition window is open."""
+    method = (
+        gradmod.methods.REGISTRY["inforeg-official"].make(len(parts.encoder_paths()))
+        if config.get("official")
+        else gradmod.InfoReg()
+    )
+    return gradmod.ModulationContext(
+        parts.model, encoders=parts.encoder_paths(), method=method, fusion="head"
+    )
+
+
+# gradmod's defaults (one strength 0.95, each modality gated by its own rate, mean scores);
+# the official preset (0.95 / 0.1 by modality order, the first modality's rate, summed scores)
+# as a grid point. Gradient level only: InfoReg refuses act='update'. The window counts epochs
+# from set_epoch (official trace window: 10 of 50 epochs, here of 20).
+register("inforeg")(inforeg)
+register("inforeg:official", grid=True, official=True)(inforeg)
+
+
 # --------------------------------------------------------------- gradmod.MultiLoss and MLB
 def gradmod_multiloss(parts: Parts, config: Config, opt: Optimizer) -> gradmod.ModulationContext:
     """gradmod's multi-loss: the heads' loss gradients injected into the live features."""

@@ -8,6 +8,8 @@
 # Environment:
 #   CGGM_SRC, OGM_SRC, AGM_SRC, MLB_SRC  extracted official sources (required; see README.md)
 #   BML_SRC   extracted GeWu-Lab/BML_TPAMI2024 (optional: the OPM / revised OGM formula check)
+#   INFOREG_SRC  extracted GeWu-Lab/InfoReg_CVPR2025 (optional: its formula check is skipped
+#             without it)
 #   PY        interpreter with torch, scikit-learn and einops (default: python)
 #   OUT       output folder (default: results/parity in this checkout; gitignored)
 #   RERECORD  1: re-record the official traces even if OUT already holds them
@@ -108,6 +110,15 @@ if [ -n "${BML_SRC:-}" ]; then
   grep -E ' vs |leak on|rounds to|^vector: s|^vector: q' "$OUT/opm_formula.txt" || true
 else
   echo "== opm_formula skipped (set BML_SRC to an extracted GeWu-Lab/BML_TPAMI2024)"
+fi
+echo "== inforeg_formula (official InfoReg lines exec'd on the same inputs)"
+if [ -n "${INFOREG_SRC:-}" ]; then
+  [ -d "$INFOREG_SRC" ] || { echo "missing directory: $INFOREG_SRC" >&2; exit 2; }
+  INFOREG_SRC="$INFOREG_SRC" "$PY" "$HERE/inforeg_formula.py" > "$OUT/inforeg_formula.txt" 2>&1 \
+    || fail "inforeg_formula" "$OUT/inforeg_formula.txt"
+  grep -E ' vs |zero denominator' "$OUT/inforeg_formula.txt" || true
+else
+  echo "skipped: set INFOREG_SRC to an extracted copy of GeWu-Lab/InfoReg_CVPR2025"
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then

@@ -15,11 +15,23 @@ on its own, inside a compiled region, or as the reference that the hook engine i
 * Directions: :func:`flat_cosine` (lists of tensors, no concatenation) and CGGM's
   :func:`cosine_direction_loss`.
 * :func:`shapley_responses`: AGM's mono-modal responses of a fused model.
+* InfoReg: :func:`fisher_trace` (per-step information amount of each encoder),
+  :func:`acquisition_rate` (the prime-learning-window rate), :func:`inforeg_beta` (regulation
+  strength per modality), :func:`proximal_gradient` / :func:`proximal_penalty` (the pull toward
+  the epoch-start weights).
 """
 
 from ._agm import agm_coefficients
 from ._cggm import Policy, improvement_rate_scale
 from ._cosine import TensorOrList, cosine_direction_loss, flat_cosine
+from ._inforeg import (
+    Versus,
+    acquisition_rate,
+    fisher_trace,
+    inforeg_beta,
+    proximal_gradient,
+    proximal_penalty,
+)
 from ._metrics import accuracy, correct, sign_accuracy, sign_correct
 from ._mlb import Gate, mlb_coefficients
 from ._ogm import OGMForm, ogm_ge_coefficients
@@ -43,13 +55,17 @@ __all__ = [
     "Policy",
     "Rescale",
     "TensorOrList",
+    "Versus",
     "accuracy",
+    "acquisition_rate",
     "agm_coefficients",
     "clipped_nll",
     "correct",
     "cosine_direction_loss",
+    "fisher_trace",
     "flat_cosine",
     "improvement_rate_scale",
+    "inforeg_beta",
     "mean_of_others",
     "mlb_coefficients",
     "ogm_ge_coefficients",
@@ -58,6 +74,8 @@ __all__ = [
     "opm_drop",
     "opm_drop_probability",
     "opm_feature_scale",
+    "proximal_gradient",
+    "proximal_penalty",
     "shapley_responses",
     "sign_accuracy",
     "sign_correct",

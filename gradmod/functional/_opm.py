@@ -64,8 +64,11 @@ def _ratio(s: Tensor) -> tuple[Tensor, Tensor]:
     tiny = torch.finfo(s.dtype).tiny
     m = s.shape[0]
     if m == 2:
-        rho = s / s.flip(0).clamp_min(tiny)
-        return rho, rho > 1.0
+        other = s.flip(0)
+        rho = s / other.clamp_min(tiny)
+        # where the other score is 0 the official ratio is inf (the coefficient 0), not s / tiny
+        rho = torch.where((other == 0) & (s > 0), torch.inf, rho)
+        return rho, s > other
     off_diagonal = ~torch.eye(m, dtype=torch.bool, device=s.device)
     others = torch.where(off_diagonal, s.unsqueeze(0), torch.zeros_like(s)).sum(dim=1) / (m - 1)
     rho = s / others.clamp_min(tiny)

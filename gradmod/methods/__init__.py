@@ -20,6 +20,7 @@ from .._protocol import (
 from ._agm import AGM
 from ._cggm import CGGM
 from ._fixed import Fixed
+from ._inforeg import InfoReg
 from ._multiloss import MLB, MultiLoss
 from ._ogm import OGMGE
 from ._opm import OPM
@@ -29,6 +30,7 @@ __all__ = [
     "AGM",
     "CGGM",
     "Fixed",
+    "InfoReg",
     "MLB",
     "OGMGE",
     "OPM",

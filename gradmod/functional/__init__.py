@@ -11,6 +11,9 @@ on its own, inside a compiled region, or as the reference that the hook engine i
   :func:`one_vs_others_ratio`, :func:`mean_of_others`.
 * Directions: :func:`flat_cosine` (lists of tensors, no concatenation) and CGGM's
   :func:`cosine_direction_loss`.
+* Gradient integration: :func:`mmpareto_combine` (MMPareto: one encoder's multimodal and
+  unimodal gradients into one, per-tensor, no concatenation) and its weights
+  :func:`mmpareto_weights`.
 * :func:`shapley_responses`: AGM's mono-modal responses of a fused model.
 """
 
@@ -19,6 +22,7 @@ from ._cggm import Policy, improvement_rate_scale
 from ._cosine import TensorOrList, cosine_direction_loss, flat_cosine
 from ._metrics import accuracy, correct, sign_accuracy, sign_correct
 from ._mlb import Gate, mlb_coefficients
+from ._mmpareto import ParetoCombination, Rescale, mmpareto_combine, mmpareto_weights
 from ._ogm import OGMForm, ogm_ge_coefficients
 from ._scores import clipped_nll, mean_of_others, one_vs_others_ratio, true_class_probability
 from ._shapley import shapley_responses
@@ -26,7 +30,9 @@ from ._shapley import shapley_responses
 __all__ = [
     "Gate",
     "OGMForm",
+    "ParetoCombination",
     "Policy",
+    "Rescale",
     "TensorOrList",
     "accuracy",
     "agm_coefficients",
@@ -37,6 +43,8 @@ __all__ = [
     "improvement_rate_scale",
     "mean_of_others",
     "mlb_coefficients",
+    "mmpareto_combine",
+    "mmpareto_weights",
     "ogm_ge_coefficients",
     "one_vs_others_ratio",
     "shapley_responses",

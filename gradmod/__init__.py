@@ -28,6 +28,9 @@ by a per-step coefficient chosen by a published method, inside your own training
   learning rates).
 * :mod:`gradmod.functional` — the pure math (coefficient rules, improvement-rate scaling,
   cosine direction loss, Shapley responses, metrics), usable on its own.
+* :class:`Monitor` — opt-in diagnostics: per block the coefficients, the method's scores and
+  each modality's encoder gradient norm before and after modulation (``monitor=``); export to
+  a dict, pandas or TensorBoard, and :mod:`gradmod.plot` draws the traces (matplotlib extra).
 * Errors: :class:`ConfigurationError` (at construction), :class:`StepError` (a step's
   inputs), :class:`ContextError` (nested, concurrent or conflicting blocks); all are
   :class:`GradmodError`.
@@ -44,13 +47,16 @@ from .methods import (
     OGMGE,
     Binding,
     Fixed,
+    GradHook,
     Injection,
     Method,
     MultiLoss,
+    Needs,
     Step,
     StepPlan,
     Targets,
 )
+from .monitor import Monitor
 
 __version__ = "0.1.0"
 
@@ -65,11 +71,14 @@ __all__ = [
     "Binding",
     "ConfigurationError",
     "ContextError",
+    "GradHook",
     "GradmodError",
     "Injection",
     "Method",
     "Mode",
     "ModulationContext",
+    "Needs",
+    "Monitor",
     "Step",
     "StepError",
     "StepPlan",

@@ -9,41 +9,29 @@ import threading
 import weakref
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import _dist
+from ._config import Mode, check_state, configure
 from ._errors import ConfigurationError, ContextError, StepError
-from ._groups import (
-    EncoderSpec,
-    FusionSpec,
-    check_disjoint,
-    parameter_slots,
-    resolve_fusion,
-    resolve_groups,
-    tied_outside,
-    unwrap,
-)
+from ._groups import EncoderSpec, FusionSpec
 from ._hooks import CONFLICT, HookSet
-from ._recommended import balanced
-from ._update import UpdateLevel, check_optimizer
+from ._protocol import Act, Method, StepPlan, coefficient_dtype
+from ._steps import check_half, check_step, check_weight
+from ._update import UpdateLevel
 from ._validate import (
     ParameterWatch,
-    check_classifiers,
-    check_ddp_heads,
     check_feature_graph,
-    check_features,
-    check_targets,
     slot_list,
 )
-from .methods import Binding, Method, Step, StepPlan, coefficient_dtype
+from ._wiring import Wiring
+from .monitor import Monitor
 
 __all__ = ["Act", "Mode", "ModulationContext"]
 
-Mode = Literal["parameter", "feature"]
-Act = Literal["gradient", "update"]
 _Inputs = tuple[Mapping[str, Tensor] | None, Tensor | None, bool, float | None]
 
 
@@ -120,7 +108,10 @@ class ModulationContext:
             responses (AGM) take no mode.
         grad_scaler: the ``torch.amp.GradScaler`` that scales the loss, if any: gradients the
             method adds itself (head losses, direction loss) are scaled alike, so that after
-            ``scaler.unscale_`` every gradient equals the run without a scaler.
+            ``scaler.unscale_`` every gradient equals the run without a scaler. Float16
+            features without one are refused when the method adds gradients (pass ``False``
+            to train float16 without a scaler); with ``optimizer=``, a step taken by a scaler
+            the context was not given is refused.
         process_group: the ``torch.distributed`` group over which scores and head gradients
             are reduced (default: the world, when initialised with > 1 rank).
         allow_frozen: skip, instead of refusing, frozen parameters in an encoder group.
@@ -134,6 +125,9 @@ class ModulationContext:
             ``optimizer`` is given, else ``"gradient"``.
         optimizer: the optimizer that steps the encoders: puts the coefficients on its updates
             (the recommended use; ``act="gradient"`` with an optimizer is refused as ambiguous).
+        monitor: a :class:`gradmod.Monitor` that records every clean block's coefficients,
+            scores and encoder gradient norms before and after modulation (``None``: no
+            recording, no extra hook).
         features, targets: this step's inputs, for one-shot use
             (``with ModulationContext(model, heads, features=f, targets=y): loss.backward()``);
             usually given by calling the context, ``with ctx(features=..., targets=...)``.
@@ -156,95 +150,33 @@ class ModulationContext:
         allow_frozen: bool = False,
         act: Act | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        monitor: Monitor | None = None,
         features: Mapping[str, Tensor] | None = None,
         targets: Tensor | None = None,
     ) -> None:
-        self.method: Method = method if method is not None else balanced()
-        problems: list[str] = []
-        who = type(self.method).__name__
-        if not isinstance(self.method, Method):
-            raise ConfigurationError(
-                [f"method must be a gradmod.Method (e.g. gradmod.balanced()); got {who}"]
-            )
-        if mode not in (None, "parameter", "feature"):
-            problems.append(f"mode must be 'parameter' or 'feature'; got {mode!r}")
-        if self.method.level == "responses" and mode is not None:
-            problems.append(
-                f"{who} scales the gradient of the responses handed to it as features; "
-                f"mode={mode!r} does not apply: leave mode unset"
-            )
-        resolved_mode: Mode = "feature" if mode == "feature" else "parameter"
-        if act is None:
-            act = "update" if optimizer is not None else "gradient"
-        if act not in ("gradient", "update"):
-            problems.append(f"act must be 'gradient' or 'update'; got {act!r}")
-        if act == "update" and self.method.level == "responses":
-            problems.append(
-                f"{who} scales the gradients of its responses, which reach the fusion head as "
-                "well as the encoders: it has no per-modality update; use act='gradient'"
-            )
-        if act == "gradient" and optimizer is not None:
-            problems.append(
-                "optimizer= puts the coefficients on its updates, but act='gradient' was asked "
-                "for: drop one of them"
-            )
-        if encoders is None:
-            if classifiers is None:
-                raise ConfigurationError(
-                    [
-                        "pass encoders={name: module | 'dotted.path' | [params]} (or classifiers "
-                        "whose keys are the encoders' paths in the model)"
-                    ]
-                )
-            encoders = {name: name for name in classifiers}
-        names = tuple(encoders)
-        lo, hi = self.method.min_modalities, self.method.max_modalities
-        if len(names) < lo or (hi is not None and len(names) > hi):
-            allowed = f"{lo} to {hi}" if hi is not None else f"at least {lo}"
-            problems.append(f"{who} needs {allowed} modalities; got {len(names)} ({list(names)})")
-        skipped: list[nn.Parameter] = []
-        groups = resolve_groups(
-            model, encoders, problems, allow_frozen=allow_frozen, skipped=skipped
+        cfg = configure(
+            model,
+            classifiers,
+            encoders=encoders,
+            method=method,
+            fusion=fusion,
+            mode=mode,
+            allow_frozen=allow_frozen,
+            act=act,
+            optimizer=optimizer,
+            monitor=monitor,
         )
-        clfs = check_classifiers(self.method, classifiers, names, problems)
-        fusion_module, u = (
-            resolve_fusion(model, fusion, problems) if fusion is not None else (None, None)
-        )
-        others: dict[str, list[Tensor]] = {}
-        for k, c in (clfs or {}).items():
-            others[f"a parameter of classifiers[{k!r}]"] = list(c.parameters())
-        if u is not None:
-            others["the fusion tensor"] = [u]
-        check_disjoint(groups, others, problems)
-        check_ddp_heads(model, self.method, clfs, problems)
-        root = unwrap(model) if model is not None else None
-        slots = parameter_slots(root) if root is not None else {}
-        if resolved_mode == "feature" and root is not None and not problems:
-            problems.extend(tied_outside(root, encoders, groups, slots))
-
-        device = next((p.device for ps in groups.values() for p in ps), torch.device("cpu"))
-        self._binding = Binding(names, groups, clfs, fusion_module, u, resolved_mode, device)
-        if not problems:  # method-level checks need a consistent binding
-            problems.extend(self.method.check(self._binding))
-            self._targets = check_targets(self.method, self._binding, problems)
-            if act == "update" and self._targets.columns is not None:
-                problems.append(
-                    f"{who} scales a column block of the fusion weight too, which has no "
-                    "per-modality update: use act='gradient' (or MLB(scale='encoder'))"
-                )
-            if act == "update" and not problems:
-                problems.extend(
-                    check_optimizer(
-                        optimizer, [self._targets.encoders.get(n, []) for n in names], names
-                    )
-                )
-        if problems:
-            raise ConfigurationError(problems)
-
-        self.mode: Mode = resolved_mode
+        self.method: Method = cfg.method
+        self._needs = cfg.needs
+        self._binding = cfg.binding
+        self._targets = cfg.targets
+        names, root, groups = cfg.binding.names, cfg.root, cfg.binding.groups
+        act, device = cfg.act, cfg.binding.device
+        self.mode: Mode = cfg.mode
         self.act: Act = act
         self.grad_scaler = grad_scaler
         self.process_group = process_group
+        self.monitor = monitor
         self._model = root
         # float64: exact for float64 models; a 0-d factor never promotes a bf16/fp32 gradient.
         self._coeffs = torch.ones(len(names), device=device, dtype=coefficient_dtype(device))
@@ -259,13 +191,20 @@ class ModulationContext:
                 active=lambda: (c := me()) is not None and c._plan is not None,
                 scaler=lambda: None if (c := me()) is None else c.grad_scaler,
             )
-        self._hooks = HookSet(self._hook_coefficients())
+        self._wiring = Wiring(
+            self._binding,
+            self._targets,
+            self._needs,
+            self.mode,
+            self._coeffs,
+            update=act == "update",
+        )
         hooked = (
             [t for ts in self._targets.encoders.values() for t in ts]
-            if self.method.level == "encoders" and self.mode == "parameter" and act == "gradient"
+            if cfg.needs.level == "encoders" and self.mode == "parameter" and act == "gradient"
             else []
         )  # tensors that get a parameter hook: they must keep requiring grad
-        self._watch = ParameterWatch(slot_list(root, slots, groups), skipped, hooked)
+        self._watch = ParameterWatch(slot_list(root, cfg.slots, groups), cfg.skipped, hooked)
         # Where no parameter hook holds the encoders (feature mode, response-level methods, the
         # update level), each group is held by a pass-through marker on its first parameter (one
         # call per modality and backward); every group parameter is checked for another context
@@ -336,7 +275,7 @@ class ModulationContext:
         to the model and are already among its parameters).
         """
         cl = self._binding.classifiers or {}
-        if not self.method.trains_classifiers:
+        if not self._needs.trains_classifiers:
             return []
         return [p for n in self.names if n in cl for p in cl[n].parameters()]
 
@@ -368,23 +307,7 @@ class ModulationContext:
             ConfigurationError: the state holds a non-finite value, or was saved for another
                 number of modalities; nothing is loaded then.
         """
-        m = len(self.names)
-        problems: list[str] = []
-        for key, value in state_dict.items():
-            if not isinstance(value, Tensor):
-                continue
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                problems.append(f"state {key!r} holds non-finite values: the checkpoint is corrupt")
-            if (
-                (key in self.method.modality_buffers or key == "update.sum")
-                and value.numel()
-                and value.shape[0] != m
-            ):
-                problems.append(
-                    f"state {key!r} was saved for {value.shape[0]} modalities, but this context "
-                    f"has {m} ({list(self.names)}): load the state of a context over the same "
-                    "modalities"
-                )
+        problems = check_state(state_dict, self.names, self._needs)
         if problems:
             raise ConfigurationError(problems)
         update = {k[7:]: v for k, v in state_dict.items() if k.startswith("update.")}
@@ -479,18 +402,39 @@ class ModulationContext:
                 self._update.restore()  # a step that raised left a scaled learning rate behind
             self._follow_device()
             feats: Mapping[str, Tensor] = features or {}
-            step = self._check_step(features, targets, boundary)
-            if self._hooks.held_elsewhere(self._members):
+            step = check_step(
+                self.method,
+                self._binding,
+                self._watch,
+                features,
+                targets,
+                live=self._wiring.live_features(),
+                boundary=boundary,
+                reduce=self._reduce,
+                loss_scale=self._loss_scale,
+            )
+            if self.mode == "feature" and not self._feature_checked and features is not None:
+                check_feature_graph(self._model, self._binding, features)
+                self._feature_checked = True
+            if HookSet.held_elsewhere(self._members):
                 raise ContextError(CONFLICT)
             plan = self.method.plan(self._binding, step)
             self._set_coefficients(plan)
             self._scores = plan.scores
-            self._check_weight(plan, boundary, explicit_weight)
-            self._register(feats, plan)
+            check_weight(
+                self.method,
+                plan,
+                boundary=boundary,
+                explicit=explicit_weight,
+                window_open=self._window_open,
+            )
+            check_half(plan, feats, self.grad_scaler)
+            self._wiring.register(feats, plan, self._loss_scale, self._weight, self.monitor)
             self._plan = plan
         except BaseException:
             self._plan = None
-            self._hooks.release()
+            self._wiring.hooks.release()
+            self._wiring.forget()
             self._lock.release()
             raise
 
@@ -501,10 +445,11 @@ class ModulationContext:
         if plan is None:  # not active: nothing to leave
             return
         try:
-            missed = self._hooks.missed()
-            scaled = self._hooks.scaled_any()
-            self._hooks.release()
+            hooks = self._wiring.hooks
+            missed, scaled = hooks.missed(), hooks.scaled_any()
+            hooks.release()
             if exc_type is not None:
+                self._wiring.forget()
                 return
             if not missed and not scaled and self._update is None:
                 raise StepError(
@@ -534,6 +479,9 @@ class ModulationContext:
             if self._update is not None:
                 adds = bool(plan.inject or plan.accumulate or plan.transform)
                 self._update.record(self._coeffs, self._boundary, adds)
+            if self.monitor is not None:
+                scale = _dist.loss_scale(self.grad_scaler)
+                self._wiring.report(self.monitor, plan, self._boundary, scale)
         finally:
             self._lock.release()
 
@@ -543,8 +491,15 @@ class ModulationContext:
         if device == self._coeffs.device:
             return
         self._coeffs = torch.ones(len(self.names), device=device, dtype=coefficient_dtype(device))
-        self._hooks = HookSet(self._hook_coefficients())
         self._binding = dataclasses.replace(self._binding, device=device)
+        self._wiring = Wiring(
+            self._binding,
+            self._targets,
+            self._needs,
+            self.mode,
+            self._coeffs,
+            update=self._update is not None,
+        )
 
     def _set_coefficients(self, plan: StepPlan) -> None:
         c = plan.coefficients
@@ -557,105 +512,9 @@ class ModulationContext:
         # Defensive: a non-finite coefficient never reaches a gradient (1 = untouched).
         self._coeffs.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
 
-    def _hook_coefficients(self) -> Tensor:
-        """What the hooks multiply by: the coefficients, or ones at the update level (where a
-        gradient transform, OGM-GE's noise, still runs but the coefficient acts on the step)."""
-        if self._update is None:
-            return self._coeffs
-        return torch.ones_like(self._coeffs)
-
-    def _hooks_features(self) -> bool:
-        m = self.method
-        if self.act == "update":
-            return m.injects_into_features
-        return self.mode == "feature" or m.level == "responses" or m.injects_into_features
-
-    def _check_step(
-        self, features: Mapping[str, Tensor] | None, targets: Tensor | None, boundary: bool
-    ) -> Step:
-        """Validate one step's inputs before anything is touched."""
-        problems = self._watch.problems()
-        if targets is None:
-            problems.append("no targets for this step: enter with ctx(features=..., targets=y)")
-        elif not isinstance(targets, Tensor):
-            problems.append(f"targets must be a tensor; got {type(targets).__name__}")
-        check_features(
-            self.method,
-            self.names,
-            features,
-            self._hooks_features(),
-            self._targets.columns,
-            problems,
-        )
-        step = None
-        if not problems:
-            assert targets is not None
-            step = Step(features or {}, targets, self._reduce, boundary, self._loss_scale)
-            problems.extend(self.method.check_step(self._binding, step))
-        if problems:
-            raise StepError("; ".join(problems))
-        assert step is not None
-        if self.mode == "feature" and not self._feature_checked and features is not None:
-            check_feature_graph(self._model, self._binding, features)
-            self._feature_checked = True
-        return step
-
-    def _check_weight(self, plan: StepPlan, boundary: bool, explicit: bool) -> None:
-        """Refuse a block of an accumulation window without ``weight=`` when the method adds
-        gradients of its own: whether the user's loss is divided by ``n`` is not knowable."""
-        if explicit or not (plan.inject or plan.accumulate):
-            return
-        if boundary and not self._window_open:
-            return
-        raise StepError(
-            f"gradient accumulation (a block with boundary=False{'' if not boundary else ' before this one'}) "
-            f"needs weight= on every block of the window: {type(self.method).__name__} adds "
-            "gradients of its own (head losses, direction loss) that must be divided like your "
-            "loss: pass weight=1/n if you divide the loss by the n micro-batches, weight=1.0 if "
-            "you sum them"
-        )
-
     def _reduce(self, t: Tensor) -> Tensor:
         return _dist.reduce_sum(t, self.process_group)
 
     def _loss_scale(self) -> Tensor | None:
         """The scaler's scale, read inside backward (after ``scaler.scale(loss)``)."""
         return _dist.loss_scale(self.grad_scaler)
-
-    def _register(self, features: Mapping[str, Tensor], plan: StepPlan) -> None:
-        hooks = self._hooks
-        on_params = self.method.level == "encoders" and self.mode == "parameter"
-        if self._update is not None:  # the coefficients act on the step, not here
-            on_params = on_params and plan.transform is not None
-        if not on_params:
-            scaled = {id(t) for t in features.values()}
-            heads = [ps[0] for ps in self._binding.groups.values() if ps]
-            hooks.claim([p for p in heads if p.requires_grad and id(p) not in scaled])
-        # Injections first: a coefficient that scales the same tensor scales them too.
-        hooks.inject(plan.inject, self._loss_scale, self._weight)
-        if self._update is not None:
-            if plan.transform is not None and on_params:
-                hooks.scale(
-                    {m: list(self._targets.encoders.get(n, ())) for m, n in enumerate(self.names)},
-                    plan.transform,
-                )
-            elif plan.transform is not None:
-                raise RuntimeError(
-                    f"{type(self.method).__name__} transforms parameter gradients, which needs "
-                    "mode='parameter'"
-                )
-        elif self.method.level == "responses" or self.mode == "feature":
-            if plan.transform is not None:
-                raise RuntimeError(
-                    f"{type(self.method).__name__} transforms parameter gradients, which needs "
-                    "mode='parameter'"
-                )
-            hooks.scale({m: [features[n]] for m, n in enumerate(self.names)}, None)
-        else:
-            hooks.scale(
-                {m: list(self._targets.encoders.get(n, ())) for m, n in enumerate(self.names)},
-                plan.transform,
-            )
-        if self._targets.columns is not None:
-            widths = [int(features[n].shape[-1]) for n in self.names]
-            hooks.scale_columns(self._targets.columns, widths)

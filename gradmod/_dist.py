@@ -32,7 +32,7 @@ def reduce_sum(t: Tensor, group: Any) -> Tensor:
 
 def loss_scale(scaler: Any) -> Tensor | None:
     """The current scale of an enabled ``GradScaler`` (``None`` without one)."""
-    if scaler is None or not scaler.is_enabled():
+    if scaler is None or scaler is False or not scaler.is_enabled():
         return None
     scale = getattr(scaler, "_scale", None)
     if scale is None:

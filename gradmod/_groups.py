@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from ._protocol import last_weight_matrix
 
 __all__ = [
     "EncoderSpec",
     "FusionSpec",
     "Slot",
     "check_disjoint",
-    "last_weight_matrix",
+    "fsdp_unsharded",
+    "is_sharded",
     "parameter_slots",
     "reachable_leaves",
     "resolve_fusion",
@@ -43,6 +47,46 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
             continue
         return model
+
+
+def is_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a parameter sharded by FSDP2's ``fully_shard``, or by
+    tensor parallelism): its gradient is computed on another tensor and written into ``.grad``.
+
+    A DTensor exists only once ``torch.distributed.tensor`` was imported (FSDP2 imports it):
+    looking it up in ``sys.modules`` keeps that import (~1 s) out of gradmod's.
+    """
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return isinstance(dtensor, type) and isinstance(t, dtensor)
+
+
+def fsdp_unsharded(root: nn.Module) -> dict[int, int] | None:
+    """``id`` of each FSDP2 unsharded parameter -> ``id`` of its sharded parameter.
+
+    FSDP2 runs forward and backward on unsharded copies of the sharded parameters (the autograd
+    leaves) and reduce-scatters their gradients into the sharded parameters' ``.grad``. A copy
+    exists once its module has been all-gathered (after the first forward). Read off FSDP2's
+    private state (``_get_fsdp_state()._fsdp_param_groups[*].fsdp_params``, as in torch 2.13):
+    ``None`` where a ``fully_shard``-ed module does not have it (another torch version).
+    """
+    out: dict[int, int] = {}
+    for mod in root.modules():
+        get_state = getattr(mod, "_get_fsdp_state", None)
+        if get_state is None:
+            continue
+        state = get_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:
+            return None
+        for group in groups:
+            for fp in getattr(group, "fsdp_params", None) or ():
+                sharded = getattr(fp, "sharded_param", None)
+                if sharded is None:
+                    return None
+                unsharded = getattr(fp, "_unsharded_param", None)
+                if unsharded is not None:
+                    out[id(unsharded)] = id(sharded)
+    return out
 
 
 def _lookup(root: nn.Module, path: str) -> nn.Module | Tensor | None:
@@ -152,15 +196,6 @@ def resolve_groups(
             owner[id(p)] = name
         groups[name] = unique
     return groups
-
-
-def last_weight_matrix(module: nn.Module) -> Tensor | None:
-    """The last parameter of ``module`` with two or more dimensions (its output layer's weight)."""
-    found: Tensor | None = None
-    for p in module.parameters():
-        if p.dim() >= 2:
-            found = p
-    return found
 
 
 def resolve_fusion(

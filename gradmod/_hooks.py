@@ -6,15 +6,16 @@ import functools
 import itertools
 import operator
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from ._errors import ContextError
-from .methods import GradTransform, Injection, LossScale
+from ._protocol import GradHook, GradTransform, Injection, LossScale
 
-__all__ = ["CONFLICT", "KEY", "HookSet"]
+__all__ = ["CONFLICT", "KEY", "GradNorms", "HookSet"]
 
 
 #: The key of gradmod's entry in a parameter's hook dict: the modulation hook in parameter mode,
@@ -53,6 +54,61 @@ def _leaf_hooks(t: Tensor) -> dict[object, Callable[[Tensor], Tensor | None]] | 
     return hooks if isinstance(hooks, dict) else None
 
 
+def _cast_source(t: Tensor) -> tuple[Any, int] | None:
+    """``(node, output index)`` of the tensor that ``t`` is a pure floating-point cast of
+    (``ToCopyBackward0``, same shape and device, a non-leaf source; through a chain of casts),
+    or ``None``, also where torch does not expose a node's input metadata.
+
+    Mixed-precision wrappers hand out such casts: a model prepared by Accelerate returns
+    ``h.float()`` for every bf16/fp16 output ``h`` while the loss reaches the encoder through
+    ``h``, so a hook on the copy would never fire.
+    """
+    found = None
+    node = t.grad_fn
+    while node is not None and node.name() == "ToCopyBackward0" and len(node.next_functions) == 1:
+        source, index = node.next_functions[0]
+        if source is None or not hasattr(source, "register_prehook"):
+            break
+        metadata = getattr(source, "_input_metadata", None)  # one entry per output
+        if (
+            metadata is None
+            or index >= len(metadata)
+            or source.name() == "torch::autograd::AccumulateGrad"
+        ):
+            break
+        meta = metadata[index]
+        if (
+            meta.device != t.device
+            or tuple(meta.shape) != tuple(t.shape)
+            or not meta.dtype.is_floating_point
+        ):
+            break
+        found = (source, index)
+        node = source
+    return found
+
+
+def _register_hook(t: Tensor, fn: Callable[[Tensor], Tensor | None]) -> RemovableHandle:
+    """``t.register_hook(fn)``, or for a pure cast (:func:`_cast_source`) the same hook on the
+    gradient of the cast's source: what reaches the encoder output whether or not the loss
+    uses the copy (once either way: the copy itself gets no hook)."""
+    source = _cast_source(t)
+    if source is None:
+        plain: RemovableHandle = t.register_hook(fn)
+        return plain
+    node, index = source
+
+    def pre(grad_outputs: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...] | None:
+        grad = grad_outputs[index]
+        new = fn(grad) if grad is not None else None
+        if new is None:
+            return None
+        return (*grad_outputs[:index], new, *grad_outputs[index + 1 :])
+
+    handle: RemovableHandle = node.register_prehook(pre)
+    return handle
+
+
 def _witness(flags: list[bool], m: int, fn: Callable[[Tensor], Tensor], grad: Tensor) -> Tensor:
     flags[m] = True
     return fn(grad)
@@ -60,6 +116,50 @@ def _witness(flags: list[bool], m: int, fn: Callable[[Tensor], Tensor], grad: Te
 
 def _mul_0d(k: Tensor, grad: Tensor) -> Tensor:
     return (grad * k).to(grad.dtype)
+
+
+class GradNorms:
+    """The norms of the gradients that passed one set of observing hooks in one backward.
+
+    ``slots[m][i]``: the norm (a 0-d device tensor, no host sync) of the gradient of tensor ``i``
+    of modality ``m``, or ``None`` while none arrived. A tensor whose hook fires twice (two
+    backward passes in one block) marks its modality ``repeated``: the norm of the sum of two
+    gradients is not known from their norms.
+    """
+
+    __slots__ = ("repeated", "slots")
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        self.slots: list[list[Tensor | None]] = [[None] * n for n in sizes]
+        self.repeated = [False] * len(sizes)
+
+    def totals(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Each modality's norm, ``sqrt(sum of squares)`` of its tensors' norms: ``[M]`` in
+        ``dtype`` (0 where no gradient arrived, NaN where a tensor received two)."""
+        out = []
+        for m, row in enumerate(self.slots):
+            norms = [n for n in row if n is not None]
+            if self.repeated[m]:
+                out.append(torch.full((), float("nan"), dtype=dtype, device=device))
+            elif norms:
+                out.append(torch.linalg.vector_norm(torch.stack(norms).to(dtype)))
+            else:
+                out.append(torch.zeros((), dtype=dtype, device=device))
+        return torch.stack(out)
+
+
+def _observe(sinks: Sequence[GradNorms], m: int, i: int, grad: Tensor) -> None:
+    """Record ``grad``'s norm in every sink; returns ``None``: the gradient passes unchanged."""
+    g = grad.coalesce().values() if grad.is_sparse else grad
+    norm = torch.linalg.vector_norm(
+        g, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32
+    )
+    for sink in sinks:
+        row = sink.slots[m]
+        if row[i] is not None:
+            sink.repeated[m] = True
+        row[i] = norm
+    return None
 
 
 CONFLICT = (
@@ -90,6 +190,7 @@ class HookSet:
         self._fired: list[bool] = []
         self._what: list[str] = []
         self._scaled: list[bool] = []
+        self._observers: list[tuple[dict[object, Callable[[Tensor], Tensor | None]], object]] = []
 
     # --------------------------------------------------------------------------- registering
     def _put(self, t: Tensor, fn: Callable[[Tensor], Tensor | None]) -> None:
@@ -97,7 +198,7 @@ class HookSet:
         refuses a tensor that another context holds (after releasing what this one added)."""
         hooks = _leaf_hooks(t)
         if hooks is None:
-            self._handles.append(t.register_hook(fn))
+            self._handles.append(_register_hook(t, fn))
             return
         if hooks.setdefault(KEY, fn) is not fn:
             self.release()
@@ -127,7 +228,7 @@ class HookSet:
             self._fired.append(False)
             self._what.append(inj.what)
             adder = self._adder(g, len(self._fired) - 1, loss_scale)
-            self._handles.append(inj.tensor.register_hook(adder))
+            self._handles.append(_register_hook(inj.tensor, adder))
 
     def scale(
         self, tensors: Mapping[int, Sequence[Tensor]], transform: GradTransform | None
@@ -152,10 +253,30 @@ class HookSet:
                     fn = functools.partial(_witness, self._scaled, m, fn)
                 self._put(t, fn)
 
-    def scale_columns(self, weight: Tensor, widths: Sequence[int]) -> None:
-        """Multiply column block ``m`` (of width ``widths[m]``) of ``weight``'s gradient by ``k_m``."""
-        cols = torch.cat([v.expand(w) for v, w in zip(self._views, widths, strict=True)])
-        self._handles.append(weight.register_hook(cols.to(weight.dtype).mul))
+    def observe(
+        self, tensors: Sequence[tuple[int, int, Tensor]], sinks: Sequence[GradNorms]
+    ) -> None:
+        """Record the norm of each ``(modality, index, tensor)``'s gradient in ``sinks``.
+
+        A pass-through hook, added after the hooks already in the tensor's hook dict (leaf hooks
+        run in insertion order): registered before :meth:`scale` it sees what the scaling hook
+        receives, after it what the scaling hook returns. Under a key of its own, so it never
+        counts as a claim.
+        """
+        key = ("gradmod.monitor", *map(id, sinks))
+        for m, i, t in tensors:
+            fn = functools.partial(_observe, sinks, m, i)
+            hooks = _leaf_hooks(t)
+            if hooks is None:
+                self._handles.append(t.register_hook(fn))
+                continue
+            hooks[key] = fn
+            self._observers.append((hooks, key))
+
+    def extra(self, hooks: Sequence[GradHook]) -> None:
+        """Register a method's gradient hooks on other tensors (removed with the rest)."""
+        for h in hooks:
+            self._handles.append(h.tensor.register_hook(h.fn))
 
     # ----------------------------------------------------------------------------- leaving
     def scaled_any(self) -> bool:
@@ -173,6 +294,9 @@ class HookSet:
         for hooks in self._keyed:
             hooks.pop(KEY, None)
         self._keyed.clear()
+        for hooks, key in self._observers:
+            hooks.pop(key, None)
+        self._observers.clear()
         self._fired.clear()
         self._what.clear()
         self._scaled = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .methods import MLB
+from .methods._registry import register_preset
 
 __all__ = ["balanced"]
 
@@ -34,3 +35,6 @@ def balanced(**overrides: Any) -> MLB:
     config: dict[str, Any] = {"alpha": 0.8, "scale": "encoder"}
     config.update(overrides)
     return MLB(**config)
+
+
+register_preset("balanced", lambda m: balanced(), "gradmod's recommended configuration")

@@ -76,8 +76,15 @@ def check_optimizer(
                 f"act='update' scales one step's learning rate, which {type(opt).__name__} does "
                 f"not turn into a scaled update ({why}): use act='gradient'"
             ]
+    hooks = getattr(opt, "_optimizer_step_pre_hooks", None)
+    if not isinstance(hooks, dict):  # a wrapper (accelerate's AcceleratedOptimizer)
+        return [
+            f"optimizer= is a {type(opt).__name__}, a wrapper that never runs torch's optimizer "
+            "step hooks: pass the torch optimizer it wraps (e.g. build the context before "
+            "accelerator.prepare, or pass prepared.optimizer)"
+        ]
     problems: list[str] = []
-    for hook in list(opt._optimizer_step_pre_hooks.values()):
+    for hook in list(hooks.values()):
         if isinstance(hook, _PreHook) and hook.owner() is not None:
             problems.append(
                 "another ModulationContext already scales this optimizer's updates: one context "

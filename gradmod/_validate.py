@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor, nn, optim
 
 from ._errors import ConfigurationError
-from ._groups import Slot, reachable_leaves
-from .methods import Binding, Method, Targets
+from ._groups import Slot, fsdp_unsharded, is_sharded, reachable_leaves
+from ._protocol import Binding, Method, Targets
 
 __all__ = [
     "ParameterWatch",
@@ -19,6 +20,7 @@ __all__ = [
     "check_feature_graph",
     "check_features",
     "check_parameters",
+    "check_sharded",
     "check_targets",
 ]
 
@@ -31,7 +33,7 @@ def check_classifiers(
 ) -> dict[str, nn.Module] | None:
     """The classifiers the method will use, with a problem for each mismatch."""
     who = type(method).__name__
-    use = method.classifier_use
+    use = method.needs().classifiers
     if classifiers is None:
         if use == "required":
             problems.append(
@@ -67,7 +69,7 @@ def check_ddp_heads(
     if not (
         isinstance(model, nn.parallel.DistributedDataParallel)
         and classifiers is not None
-        and method.trains_classifiers
+        and method.needs().trains_classifiers
     ):
         return
     ignored = set(getattr(model, "parameters_to_ignore", ()))
@@ -82,13 +84,96 @@ def check_ddp_heads(
         )
 
 
+def check_sharded(
+    model: nn.Module | None,
+    method: Method,
+    groups: Mapping[str, Sequence[Tensor]],
+    classifiers: Mapping[str, nn.Module] | None,
+    fusion: Tensor | None,
+    mode: str,
+    act: str | None,
+    optimizer: object,
+    problems: list[str],
+) -> None:
+    """FSDP: a problem naming the fix for each use of sharded (``DTensor``) parameters that
+    gradmod cannot make exact.
+
+    FSDP2 (``fully_shard``) runs forward and backward on unsharded copies of the parameters and
+    reduce-scatters their gradients into the sharded parameters' ``.grad`` outside autograd: a
+    hook on a sharded parameter never fires, and a gradient gradmod adds to one is lost or
+    wrong. Exact (coefficients are global, and FSDP averages gradients over ranks like DDP):
+    hooks on the features (``mode="feature"``) or on AGM's responses, reading the fusion head
+    inside the block (OGM-GE), and the update level's fast path (a learning rate scaled per
+    param group).
+    """
+    # looked up, not imported: a model wrapped by FSDP1 has imported it already
+    fsdp1 = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
+    if (
+        model is not None
+        and isinstance(fsdp1, type)
+        and any(isinstance(m, fsdp1) for m in model.modules())
+    ):
+        problems.append(
+            "the model is wrapped by FullyShardedDataParallel (FSDP1), which flattens "
+            "parameters into one tensor per unit, so no modality group can be told apart: "
+            "shard it with torch.distributed.fsdp.fully_shard (FSDP2) and use "
+            "mode='feature', or use DistributedDataParallel"
+        )
+        return
+    who = type(method).__name__
+    sharded = [n for n, ps in groups.items() if any(is_sharded(p) for p in ps)]
+    needs = method.needs()
+    ge = (
+        f" ({who} transforms parameter gradients: it needs them)"
+        if needs.transforms_gradients
+        else ""
+    )
+    if sharded and mode == "parameter" and act != "update" and needs.level == "encoders":
+        problems.append(
+            f"encoders {sharded} have FSDP-sharded (DTensor) parameters: a parameter-mode hook "
+            "on them never fires (FSDP computes gradients on unsharded copies and writes the "
+            "reduce-scattered result into .grad): use mode='feature', which hooks the encoder "
+            f"outputs instead{ge}"
+        )
+    if fusion is not None and is_sharded(fusion) and needs.fusion == "changes":
+        problems.append(
+            f"the fusion head given as fusion= is FSDP-sharded, and {who} changes its gradient "
+            "(a direction loss, or MLB's official column scaling) outside FSDP's backward, "
+            "where the sharded weight never receives it as such: leave fusion= unset "
+            "(CGGM(lam=0), MLB(scale='encoder') without direction=) or use "
+            "DistributedDataParallel"
+        )
+    if classifiers is not None:
+        inside = [k for k, c in classifiers.items() if any(is_sharded(p) for p in c.parameters())]
+        if inside:
+            problems.append(
+                f"classifiers {inside} are FSDP-sharded: gradmod runs them and all-reduces "
+                "their gradients itself, outside FSDP's backward, and they would train wrong "
+                "without an error; keep them out of fully_shard"
+            )
+    if sharded and act == "update" and isinstance(optimizer, optim.Optimizer):
+        owner = {id(p): n for n, ps in groups.items() for p in ps}
+        for g in optimizer.param_groups:
+            owners = {owner.get(id(p)) for p in g["params"]}
+            mods = sorted(n for n in owners if n is not None)
+            if mods and len(owners) > 1 and any(n in sharded for n in mods):
+                problems.append(
+                    f"a param group holds FSDP-sharded parameters of encoders {mods} together "
+                    "with other parameters: the update level would copy and blend them after "
+                    "the step, which DTensors do not support (no sharding strategy for "
+                    "aten._foreach_copy_); give each modality's encoder a param group of its "
+                    "own (its learning rate is then scaled for the step, exact)"
+                )
+                break
+
+
 def check_targets(method: Method, binding: Binding, problems: list[str]) -> Targets:
     """What the method scales, with a problem where the mode cannot honour it."""
     targets = method.targets(binding)
     who = type(method).__name__
     for n in binding.names:
         chosen = list(targets.encoders.get(n, ()))
-        if not chosen and method.level == "encoders":
+        if not chosen and method.needs().level == "encoders":
             problems.append(
                 f"{who} selects no tensor of encoders[{n!r}] to modulate: check its parameter "
                 "filter"
@@ -144,7 +229,7 @@ def check_parameters(
 ) -> list[str]:
     """The problems :class:`ParameterWatch` found, described."""
     problems: list[str] = []
-    replaced = sum(1 for d, k, p in slots if d.get(k) is not p)
+    replaced = sum(1 for d, k, p in slots if d.get(k) is not p and not _unsharded(d.get(k), p))
     if replaced:
         problems.append(
             f"{replaced} encoder parameter(s) or layer(s) were replaced after the context was "
@@ -169,17 +254,29 @@ def check_parameters(
     return problems
 
 
+def _unsharded(current: object, registered: object) -> bool:
+    """Whether ``current`` is FSDP2's unsharded copy of the sharded parameter ``registered``:
+    FSDP2 swaps the two in the module while the module is all-gathered (a root module keeps its
+    parameters unsharded from forward to backward)."""
+    return (
+        isinstance(registered, Tensor)
+        and is_sharded(registered)
+        and isinstance(current, nn.Parameter)
+        and not is_sharded(current)
+        and current.shape == registered.shape
+    )
+
+
 def check_features(
     method: Method,
     names: Sequence[str],
     features: Mapping[str, Tensor] | None,
     live: bool,
-    columns: Tensor | None,
     problems: list[str],
 ) -> None:
-    """One step's features: keys, types, graph attachment, widths for a column-scaled head."""
+    """One step's features: keys and types, and graph attachment where hooks need it."""
     who = type(method).__name__
-    need = method.uses_features or live or columns is not None
+    need = method.needs().features or live
     if features is None:
         if need:
             problems.append(
@@ -199,14 +296,6 @@ def check_features(
                 f"features[{k!r}] is not attached to the autograd graph (detached, or computed "
                 f"under no_grad): {who} in this mode hooks the live tensor"
             )
-    if columns is not None and not problems:
-        widths = [int(features[n].shape[-1]) for n in names]
-        if sum(widths) != columns.shape[-1]:
-            problems.append(
-                f"the fusion weight has {columns.shape[-1]} input columns but the features' "
-                f"widths {widths} add up to {sum(widths)}: the fusion head must be one Linear "
-                "over the features concatenated in modality order"
-            )
 
 
 def check_feature_graph(
@@ -214,13 +303,28 @@ def check_feature_graph(
 ) -> None:
     """Feature mode's precondition, read off the autograd graph of the first step's features."""
     problems: list[str] = []
+    # FSDP2: the graph's leaves are unsharded copies of the sharded parameters
+    alias = fsdp_unsharded(model) if model is not None else {}
+    if alias is None:
+        if any(is_sharded(p) for ps in binding.groups.values() for p in ps):
+            raise ConfigurationError(
+                [
+                    "the encoders are FSDP-sharded, and this torch's FSDP2 does not expose its "
+                    "unsharded parameters where gradmod reads them (see gradmod._groups."
+                    "fsdp_unsharded), so feature mode's check cannot run: use "
+                    "DistributedDataParallel"
+                ]
+            )
+        alias = {}
     model_params = (
-        {id(p) for p in model.parameters() if p.requires_grad} if model is not None else set()
+        {alias.get(id(p), id(p)) for p in model.parameters() if p.requires_grad}
+        if model is not None
+        else set()
     )
     group_ids = {n: {id(p) for p in ps} for n, ps in binding.groups.items()}
     training = {n: {id(p) for p in ps if p.requires_grad} for n, ps in binding.groups.items()}
     for n in binding.names:
-        leaves = reachable_leaves(features[n])
+        leaves = {alias.get(i, i) for i in reachable_leaves(features[n])}
         missing = len(training[n] - leaves)  # a parameter frozen since needs no modulation
         if missing:
             problems.append(

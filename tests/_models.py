@@ -36,6 +36,9 @@ class FixedMethod(gradmod.Method):
         self.uses_features = uses_features
         self.calls = 0
 
+    def needs(self) -> gradmod.Needs:
+        return gradmod.Needs(features=self.uses_features)
+
     def plan(self, binding: gradmod.Binding, step: gradmod.Step) -> gradmod.StepPlan:
         c = self.schedule[self.calls % len(self.schedule)]
         self.calls += 1

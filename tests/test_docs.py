@@ -59,3 +59,32 @@ def test_ci_runs_the_readme_test_command() -> None:
     lines = [ln for ln in block.group(1).splitlines() if ln.startswith("python ")]
     assert len(lines) == 1 and "pytest" in lines[0]
     assert "README.md" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_adding_a_method_example_runs_and_conforms() -> None:
+    """The method written in docs/adding-a-method.md registers, runs through the engine with
+    the coefficients its rule gives (checked by hand), and passes conformance checks."""
+    from unittest import mock
+
+    import test_conformance as conformance
+    import torch
+
+    import gradmod
+    from gradmod.methods import REGISTRY
+
+    text = (ROOT / "docs" / "adding-a-method.md").read_text()
+    (block,) = python_blocks(text)
+    with mock.patch.dict(REGISTRY):  # the registration is undone afterwards
+        namespace: dict[str, object] = {}
+        exec(compile(block, "adding-a-method.md", "exec"), namespace)
+        assert "loss-share" in REGISTRY
+        run = conformance.Run("loss-share", "gradient/parameter")
+        xs, y = run.inputs(3)
+        run.block(xs, y)
+        with torch.no_grad():
+            norms = torch.stack([run.model.enc[n](xs[n]).norm() for n in run.names]).double()
+        torch.testing.assert_close(run.ctx.coefficients, 3 * norms / norms.sum())
+        assert isinstance(run.ctx.method, gradmod.Method)
+        for use in conformance.USES:
+            conformance.test_the_plan_is_applied_exactly("loss-share", use)
+            conformance.test_state_dict_round_trip_and_exact_resume("loss-share", use)

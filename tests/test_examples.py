@@ -19,6 +19,22 @@ def run(name: str, capsys: pytest.CaptureFixture[str]) -> list[dict[str, float]]
     return [ast.literal_eval(line) for line in lines]
 
 
+def test_accelerate_example_slows_the_clear_modality_and_boosts_the_faint_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """examples/accelerate_mlb.py: one CPU process, bf16 autocast, accumulation over 2."""
+    state = pytest.importorskip("accelerate.state")
+    state.AcceleratorState._reset_state(True)  # accelerate's process-wide singletons
+    state.GradientState._reset_state()
+    try:
+        epochs = run("accelerate_mlb.py", capsys)
+    finally:
+        state.AcceleratorState._reset_state(True)
+        state.GradientState._reset_state()
+    assert len(epochs) == 3
+    assert all(0 < k["audio"] < 1 < k["video"] < 2 for k in epochs)
+
+
 def test_ogm_ge_example_slows_the_clean_modality_inside_the_window_only(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -158,6 +158,7 @@ def test_coefficients_and_scores_are_logged(tmp_path: Path) -> None:
     from lightning.pytorch.loggers import CSVLogger
 
     cb = callback("balanced", log=True)
+    cb.monitor = gradmod.Monitor()
     net = Net("balanced")
     t = pl.Trainer(
         accelerator="cpu",
@@ -180,6 +181,11 @@ def test_coefficients_and_scores_are_logged(tmp_path: Path) -> None:
     k = cb.ctx.coefficients
     assert float(last["gradmod/coefficient/a"]) == pytest.approx(float(k[0]), rel=1e-6)
     assert float(last["gradmod/coefficient/b"]) == pytest.approx(float(k[1]), rel=1e-6)
+    # with a monitor, its gradient norms too: the last logged row is the monitor's last record
+    record = cb.monitor.to_dict()
+    for name in ("a", "b"):
+        for col in (f"grad_norm_before/{name}", f"grad_norm_after/{name}"):
+            assert float(last[f"gradmod/{col}"]) == pytest.approx(record[col][-1], rel=1e-6)
 
 
 def test_an_exception_in_backward_leaves_no_hook_and_no_state(tmp_path: Path) -> None:

@@ -140,3 +140,32 @@ def test_mlb_scores_are_the_mean_true_class_probability_of_each_head() -> None:
     s = scores.double()
     r = s.flip(0) / s
     torch.testing.assert_close(ctx.coefficients.double(), 1 + torch.tanh(0.8 * (r - 1)))
+
+
+def _half_step(ctx: gradmod.ModulationContext, model: LinNet) -> None:
+    xs, y = dev(*data(NAMES, n=12, seed=5))
+    with torch.autocast("cpu", dtype=torch.float16):
+        feats = model.features(xs)
+        loss = F.cross_entropy(model.fuse(feats), y)
+    assert feats["a"].dtype == torch.float16
+    with ctx(feats, y):
+        loss.backward()
+
+
+def test_float16_features_without_a_scaler_are_refused_at_the_gradient_level() -> None:
+    """Without an optimizer gradmod cannot see a GradScaler step: float16 features (autocast)
+    without grad_scaler= are refused, before anything changes."""
+    model, heads = make(NAMES), linear_heads(NAMES)
+    ctx = ctx_for(model, gradmod.MLB(), heads)
+    with pytest.raises(gradmod.StepError, match="grad_scaler=scaler"):
+        _half_step(ctx, model)
+    assert all(p.grad is None for p in model.parameters())
+    assert int(ctx.method.steps) == 0
+
+
+def test_float16_without_a_scaler_on_purpose_runs() -> None:
+    model, heads = make(NAMES), linear_heads(NAMES)
+    ctx = ctx_for(model, gradmod.MLB(), heads, grad_scaler=False)
+    _half_step(ctx, model)
+    assert int(ctx.method.steps) == 1
+    assert all(p.grad is not None for p in model.parameters())

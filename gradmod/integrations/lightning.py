@@ -60,7 +60,8 @@ from torch import Tensor, nn
 from .._context import Act, Mode, ModulationContext
 from .._errors import ConfigurationError, StepError
 from .._groups import EncoderSpec, FusionSpec
-from ..methods import Method
+from .._protocol import Method
+from ..monitor import Monitor
 
 __all__ = ["Modulation", "step_inputs"]
 
@@ -102,7 +103,10 @@ class Modulation(pl.Callback):
         act: ``"update"`` (default) puts the coefficients on the trainer's optimizer's update,
             ``"gradient"`` on the gradients (required for AGM and ``MLB(scale="official")``).
         optimizer_index: which of the trainer's optimizers steps the encoders.
-        log: log the coefficients and scores through the LightningModule's logger.
+        log: log the coefficients and scores through the LightningModule's logger (with a
+            ``monitor``, also each modality's encoder gradient norms before and after
+            modulation).
+        monitor: a :class:`gradmod.Monitor` handed to the context (records every block).
         context: instead of the arguments above, a function ``(module, optimizer) ->
             ModulationContext`` that builds the context (``optimizer`` is ``None`` with
             ``act="gradient"``); the callback still sets its ``grad_scaler``.
@@ -123,6 +127,7 @@ class Modulation(pl.Callback):
         allow_frozen: bool = False,
         optimizer_index: int = 0,
         log: bool = True,
+        monitor: Monitor | None = None,
         context: Callable[[pl.LightningModule, torch.optim.Optimizer | None], ModulationContext]
         | None = None,
     ) -> None:
@@ -138,6 +143,7 @@ class Modulation(pl.Callback):
         self.allow_frozen = allow_frozen
         self.optimizer_index = optimizer_index
         self.log = log
+        self.monitor = monitor
         self.context = context
         self.ctx: ModulationContext | None = None
         self._inputs: tuple[Mapping[str, Tensor], Tensor] | None = None
@@ -188,7 +194,7 @@ class Modulation(pl.Callback):
             )
         heads = self._heads(pl_module) if self.context is None else None
         method = self.method
-        trains_heads = method is None or method.trains_classifiers
+        trains_heads = method is None or method.needs().trains_classifiers
         if heads and trains_heads and trainer.world_size > 1:
             # DDP would wait for gradients the method adds after backward: leave the heads out of
             # its reduction (DDP reads this attribute when it wraps the module, right after
@@ -227,6 +233,7 @@ class Modulation(pl.Callback):
                 allow_frozen=self.allow_frozen,
                 act=self.act,
                 optimizer=optimizer,
+                monitor=self.monitor,
             )
         ctx.grad_scaler = getattr(trainer.precision_plugin, "scaler", None)
         if self._pending_state is not None:
@@ -300,6 +307,10 @@ class Modulation(pl.Callback):
             s = score.float()
             for i, name in enumerate(self.ctx.names):
                 values[f"gradmod/{key}/{name}"] = s[i]
+        if self.ctx.monitor is not None and len(self.ctx.monitor):
+            for key, value in self.ctx.monitor.latest().items():
+                if key.startswith("grad_norm"):
+                    values[f"gradmod/{key}"] = value.float()
         pl_module.log_dict(values, on_step=True, on_epoch=False)
 
     # ---------------------------------------------------------------------- checkpoints

@@ -1,23 +1,27 @@
 """Modulation methods: each decides per-step coefficients; the engine applies them."""
 
-from ._agm import AGM
-from ._base import (
+from .._protocol import (
     Binding,
+    GradHook,
     GradTransform,
     Injection,
     Level,
     LossScale,
     Method,
+    Needs,
     Reduce,
     Step,
     StepPlan,
     Targets,
     coefficient_dtype,
+    finite_step,
 )
+from ._agm import AGM
 from ._cggm import CGGM
 from ._fixed import Fixed
 from ._multiloss import MLB, MultiLoss
 from ._ogm import OGMGE
+from ._registry import REGISTRY, Registered, register, register_preset
 
 __all__ = [
     "AGM",
@@ -25,16 +29,23 @@ __all__ = [
     "Fixed",
     "MLB",
     "OGMGE",
+    "REGISTRY",
+    "Registered",
+    "register",
+    "register_preset",
     "MultiLoss",
     "Binding",
+    "GradHook",
     "GradTransform",
     "Injection",
     "Level",
     "Method",
+    "Needs",
     "LossScale",
     "Reduce",
     "Step",
     "StepPlan",
     "Targets",
     "coefficient_dtype",
+    "finite_step",
 ]

@@ -6,17 +6,19 @@ import torch
 from torch import Tensor
 
 from .. import functional as GF
-from ._args import check_args
-from ._base import (
+from .._protocol import (
     Binding,
     Method,
+    Needs,
     Step,
     StepPlan,
     class_index_problem,
     coefficient_dtype,
     finite_step,
 )
+from ._args import check_args
 from ._heads import global_mean
+from ._registry import register
 
 __all__ = ["AGM"]
 
@@ -26,6 +28,10 @@ _OFFICIAL_CAPS = {2: 10.0, 3: 7.0, 4: 7.0}
 SAFE_CAP = 1.0
 
 
+@register(
+    "agm",
+    presets={"agm-official": (lambda m: AGM(official=True), "AGM with the official rule")},
+)
 class AGM(Method):
     r"""Adaptive gradient modulation, applied to the gradients of mono-modal responses.
 
@@ -68,9 +74,6 @@ class AGM(Method):
     ``last_coefficients``, ``skipped``.
     """
 
-    level = "responses"
-    max_modalities = 4
-    modality_buffers = ("score_sum", "last_coefficients")
     score_sum: Tensor
     steps: Tensor
     last_coefficients: Tensor
@@ -100,6 +103,13 @@ class AGM(Method):
         self.last_coefficients = torch.zeros(0, device=self.steps.device)
         self.steps.zero_()
         self.skipped.zero_()
+
+    def needs(self) -> Needs:
+        return Needs(
+            level="responses",
+            modalities=(2, 4),
+            per_modality_state=("score_sum", "last_coefficients"),
+        )
 
     def running_scores(self) -> Tensor:
         r""":math:`\bar s`, the mean score over the steps so far (zeros before the first)."""

@@ -10,19 +10,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional as GF
-from ._args import check_args
-from ._base import (
+from .._protocol import (
     Binding,
     Injection,
     Method,
+    Needs,
     Step,
     StepPlan,
     class_index_problem,
     coefficient_dtype,
     finite_step,
 )
+from ._args import check_args
 from ._direction import WHAT, check_direction, direction_gradient, head_matrices
 from ._heads import global_mean, run_heads
+from ._registry import register
 
 __all__ = ["CGGM"]
 
@@ -34,6 +36,10 @@ def _l1(pred: Tensor, target: Tensor) -> Tensor:
     return F.l1_loss(pred.reshape(target.shape), target.to(pred.dtype))
 
 
+@register(
+    "cggm",
+    presets={"cggm-official": (lambda m: CGGM(official=True), "CGGM with the official arithmetic")},
+)
 class CGGM(Method):
     r"""Classifier-guided gradient modulation.
 
@@ -81,9 +87,6 @@ class CGGM(Method):
     weights).
     """
 
-    classifier_use = "required"
-    trains_classifiers = True
-    modality_buffers = ("previous", "last_b", "last_coefficients", "direction_b", "direction_heads")
     previous: Tensor
     last_b: Tensor
     last_coefficients: Tensor
@@ -137,6 +140,20 @@ class CGGM(Method):
         self.register_buffer("direction_b", torch.zeros(0))
         self.register_buffer("direction_fusion", torch.zeros(0))
         self.register_buffer("direction_heads", torch.zeros(0))
+
+    def needs(self) -> Needs:
+        return Needs(
+            classifiers="required",
+            trains_classifiers=True,
+            per_modality_state=(
+                "previous",
+                "last_b",
+                "last_coefficients",
+                "direction_b",
+                "direction_heads",
+            ),
+            fusion="changes" if self.lam > 0 else "unused",
+        )
 
     def extra_repr(self) -> str:
         return f"rho={self.rho}, lam={self.lam}, task={self.task!r}, official={self.official}"

@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as GF
-from .._groups import last_weight_matrix
-from ._base import Binding, Injection
+from .._protocol import Binding, Injection, last_weight_matrix
 
 __all__ = ["check_direction", "direction_gradient", "direction_injection", "head_matrices"]
 

@@ -10,13 +10,15 @@ import torch
 from torch import Tensor
 
 from .._errors import ConfigurationError, StepError
-from ._base import Binding, Method, Step, StepPlan, coefficient_dtype
+from .._protocol import Binding, Method, Needs, Step, StepPlan, coefficient_dtype
+from ._registry import register
 
 __all__ = ["Fixed"]
 
 Schedule = Callable[[int], Sequence[float] | Mapping[str, float] | Tensor]
 
 
+@register("fixed", make=lambda m: Fixed([0.5 + i for i in range(m)]))
 class Fixed(Method):
     r"""Coefficients you choose: a constant per modality, or a function of the step.
 
@@ -35,7 +37,6 @@ class Fixed(Method):
     State (``state_dict``): ``steps`` (the schedule's step counter).
     """
 
-    uses_features = False
     steps: Tensor
 
     def __init__(self, coefficients: Mapping[str, float] | Sequence[float] | Schedule) -> None:
@@ -52,6 +53,9 @@ class Fixed(Method):
                 raise ConfigurationError(problems)
             self._values = values  # type: ignore[assignment]
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def needs(self) -> Needs:
+        return Needs(features=False)
 
     def extra_repr(self) -> str:
         return "schedule" if self._fn is not None else f"coefficients={self._values!r}"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._base import Reduce
+from .._protocol import Reduce
 
 __all__ = ["HeadRun", "global_mean", "run_heads"]
 

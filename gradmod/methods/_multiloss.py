@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -10,20 +11,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as GF
-from ._args import Check, check_args
-from ._base import (
+from .._protocol import (
     Binding,
+    GradHook,
     Injection,
     Method,
+    Needs,
     Step,
     StepPlan,
-    Targets,
     class_index_problem,
     coefficient_dtype,
     finite_step,
 )
+from ._args import Check, check_args
 from ._direction import check_direction, direction_injection
 from ._heads import global_mean, run_heads
+from ._registry import register
 
 __all__ = ["MLB", "MultiLoss"]
 
@@ -41,6 +44,7 @@ def _squared_errors(pred: Tensor, target: Tensor) -> Tensor:
     return (p - target.reshape(p.shape).to(p.dtype)).square().mean(dim=1)
 
 
+@register("multiloss")
 class MultiLoss(Method):
     r"""Plain multi-loss training: :math:`L = L_\text{fused} + w \sum_m L_m`, no coefficients.
 
@@ -59,10 +63,6 @@ class MultiLoss(Method):
             are the method's coefficients (all 1 here). Needs ``fusion=``.
     """
 
-    classifier_use = "required"
-    trains_classifiers = True
-    injects_into_features = True
-    modality_buffers = ("last_coefficients",)
     steps: Tensor
     skipped: Tensor
     last_coefficients: Tensor
@@ -104,6 +104,15 @@ class MultiLoss(Method):
             *more,
         ]
         check_args(who, checks, bad_task)
+
+    def needs(self) -> Needs:
+        return Needs(
+            classifiers="required",
+            trains_classifiers=True,
+            injects_into_features=True,
+            per_modality_state=("last_coefficients",),
+            fusion="changes" if self.direction > 0 else "unused",
+        )
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, task={self.task!r}, direction={self.direction}"
@@ -161,12 +170,32 @@ class MultiLoss(Method):
                 self.steps = self.steps.to(k.device) + 1
                 self.skipped = self.skipped.to(k.device) + (~ok).to(self.skipped.dtype)
 
-        return StepPlan(k, accumulate, inject, commit=commit, scores=scores)
+        return StepPlan(
+            k,
+            accumulate,
+            inject,
+            hooks=self.grad_hooks(binding, step, k),
+            commit=commit,
+            scores=scores,
+        )
+
+    def grad_hooks(self, binding: Binding, step: Step, k: Tensor) -> list[GradHook]:
+        """Gradient hooks on other tensors for this step (none for plain multi-loss)."""
+        return []
 
     def _scale_head_grad(self, g: Tensor, k: Tensor) -> Tensor:
         return g
 
 
+@register(
+    "mlb",
+    presets={
+        "mlb-official": (
+            lambda m: MLB(scale="official"),
+            "MLB as the official code: the fusion weight's column blocks scaled too",
+        )
+    },
+)
 class MLB(MultiLoss):
     r"""Multi-loss balanced modulation: multi-loss training plus balancing coefficients.
 
@@ -234,6 +263,13 @@ class MLB(MultiLoss):
             + super().extra_repr()
         )
 
+    def needs(self) -> Needs:
+        base = super().needs()
+        if self.scale != "official":
+            return base
+        # the column blocks of the fusion weight have no per-modality update
+        return dataclasses.replace(base, fusion="changes")
+
     def check(self, binding: Binding) -> list[str]:
         problems = super().check(binding)
         if self.scale == "official" and not isinstance(binding.fusion_module, nn.Linear):
@@ -242,20 +278,39 @@ class MLB(MultiLoss):
                 "head: pass fusion= one nn.Linear over the concatenated features, or use "
                 "scale='encoder'"
             )
+        if self.scale == "official" and binding.act == "update":
+            problems.append(
+                "MLB(scale='official') scales a column block of the fusion weight too, which has "
+                "no per-modality update: use act='gradient' (or MLB(scale='encoder'))"
+            )
         return problems
 
     def check_step(self, binding: Binding, step: Step) -> list[str]:
+        problems: list[str] = []
+        fusion = binding.fusion_module
+        if self.scale == "official" and isinstance(fusion, nn.Linear):
+            widths = [int(step.features[n].shape[-1]) for n in binding.names]
+            if sum(widths) != fusion.weight.shape[-1]:
+                problems.append(
+                    f"the fusion weight has {fusion.weight.shape[-1]} input columns but the "
+                    f"features' widths {widths} add up to {sum(widths)}: the fusion head must "
+                    "be one Linear over the features concatenated in modality order"
+                )
         if self.task != "classification":
-            return []
+            return problems
         first = next(iter(step.features.values()), None)
         batch = int(first.shape[0]) if isinstance(first, Tensor) and first.dim() else None
-        return class_index_problem("MLB", step.targets, batch)
+        return problems + class_index_problem("MLB", step.targets, batch)
 
-    def targets(self, binding: Binding) -> Targets:
-        base = super().targets(binding)
-        if self.scale == "official" and isinstance(binding.fusion_module, nn.Linear):
-            return Targets(base.encoders, columns=binding.fusion_module.weight)
-        return base
+    def grad_hooks(self, binding: Binding, step: Step, k: Tensor) -> list[GradHook]:
+        """Official preset: column block ``m`` of the linear fusion weight's gradient times
+        ``k_m`` (the block's width is features[m]'s)."""
+        fusion = binding.fusion_module
+        if self.scale != "official" or not isinstance(fusion, nn.Linear):
+            return []
+        widths = [int(step.features[n].shape[-1]) for n in binding.names]
+        cols = torch.cat([k[m].expand(w) for m, w in enumerate(widths)]).to(fusion.weight.dtype)
+        return [GradHook(fusion.weight, cols.mul)]
 
     def coefficients(
         self, outputs: list[Tensor], step: Step, like: Tensor

@@ -10,11 +10,11 @@ from torch import Tensor, nn
 
 from .. import functional as GF
 from .._errors import StepError
-from ._args import check_args
-from ._base import (
+from .._protocol import (
     Binding,
     LossScale,
     Method,
+    Needs,
     Step,
     StepPlan,
     Targets,
@@ -22,6 +22,8 @@ from ._base import (
     coefficient_dtype,
     finite_step,
 )
+from ._args import check_args
+from ._registry import register
 
 __all__ = ["OGMGE"]
 
@@ -29,6 +31,10 @@ ParamFilter = Literal["encoder", "conv"] | Callable[[Tensor], bool]
 _SEED_SPACE = 2**63
 
 
+@register(
+    "ogm-ge",
+    presets={"ogm": (lambda m: OGMGE(ge=False), "OGM without the GE noise")},
+)
 class OGMGE(Method):
     r"""On-the-fly gradient modulation, with generalisation-enhancement (GE) noise.
 
@@ -68,8 +74,6 @@ class OGMGE(Method):
     ``last_coefficients``, ``last_scores`` and ``steps``.
     """
 
-    classifier_use = "optional"
-    modality_buffers = ("last_coefficients", "last_scores")
     epoch: Tensor
     skipped: Tensor
     noise_steps: Tensor
@@ -124,6 +128,14 @@ class OGMGE(Method):
         # accumulation window, per (modality, tensor) (not in state_dict: see the README).
         self._pending: dict[tuple[int, int], Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
+
+    def needs(self) -> Needs:
+        return Needs(
+            classifiers="optional",
+            per_modality_state=("last_coefficients", "last_scores"),
+            fusion="reads",
+            transforms_gradients=self.ge,
+        )
 
     def extra_repr(self) -> str:
         return (

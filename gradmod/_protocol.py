@@ -1,7 +1,15 @@
-"""The contract between the hook engine and a modulation method."""
+"""The method protocol: the contract between the hook engine and a modulation method.
+
+The bottom of the package: it imports nothing from gradmod. A method is a :class:`Method`: it
+declares what it needs once (:meth:`Method.needs`) and decides each step in :meth:`Method.plan`,
+returning a :class:`StepPlan`; the engine (``ModulationContext``) validates, applies the plan
+inside the user's backward and commits it on a clean exit. ``docs/adding-a-method.md`` walks
+through writing one.
+"""
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -10,15 +18,19 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "Act",
     "Binding",
     "class_index_problem",
     "coefficient_dtype",
     "finite_step",
+    "GradHook",
     "GradTransform",
     "Injection",
+    "last_weight_matrix",
     "Level",
     "LossScale",
     "Method",
+    "Needs",
     "Reduce",
     "Step",
     "StepPlan",
@@ -37,6 +49,54 @@ LossScale = Callable[[], "Tensor | None"]
 #: ``transform(k, modality, index, grad) -> new grad`` for encoder tensor ``index`` of
 #: ``modality`` (``k`` the 0-d coefficient, in a dtype that keeps ``grad``'s).
 GradTransform = Callable[[Tensor, int, int, Tensor], Tensor]
+#: Where a method's coefficients act: ``"gradient"`` (inside backward) or ``"update"`` (the
+#: optimizer's step).
+Act = Literal["gradient", "update"]
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method needs from the engine: one declaration, read once at construction.
+
+    Attributes:
+        classifiers: one unimodal head per modality: ``"required"``, ``"optional"`` or
+            ``"unused"`` (giving heads is then an error).
+        trains_classifiers: the method computes its heads' gradients itself (gradmod adds them
+            after backward and all-reduces them: the heads must stay out of DDP's reduction).
+        features: the method reads ``features`` at every step.
+        injects_into_features: the method adds gradients to the live features (they must be
+            in the graph).
+        level: where the coefficients act: the encoders' gradients, or the gradients of the
+            per-modality responses handed over as ``features`` (AGM).
+        modalities: fewest and most (``None``: no limit) modalities.
+        per_modality_state: buffers whose leading dimension is the number of modalities
+            (checked when a state dict is loaded into a context).
+        fusion: how the method uses the ``fusion=`` head: not at all, ``"reads"`` it, or
+            ``"changes"`` its gradient (a direction loss, a column scaling).
+        transforms_gradients: the method replaces ``k * grad`` per encoder tensor (a
+            :data:`GradTransform`): it needs parameter hooks (``mode="parameter"``).
+
+    A method that cannot act as configured (e.g. on the update level: ``binding.act``) says so
+    in :meth:`Method.check`.
+    """
+
+    classifiers: Literal["required", "optional", "unused"] = "unused"
+    trains_classifiers: bool = False
+    features: bool = True
+    injects_into_features: bool = False
+    level: Level = "encoders"
+    modalities: tuple[int, int | None] = (2, None)
+    per_modality_state: tuple[str, ...] = ()
+    fusion: Literal["unused", "reads", "changes"] = "unused"
+    transforms_gradients: bool = False
+
+
+class GradHook(NamedTuple):
+    """A gradient hook on a tensor other than the encoders', for one block (e.g. MLB's official
+    scaling of each modality's column block of the fusion weight). ``fn(grad) -> new grad``."""
+
+    tensor: Tensor
+    fn: Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -53,6 +113,7 @@ class Binding:
             (or the tensor given as ``fusion=``), or ``None``.
         mode: ``"parameter"`` or ``"feature"`` (how encoder gradients are scaled).
         device: where the coefficients live.
+        act: where the coefficients act (``"gradient"`` or ``"update"``).
     """
 
     names: tuple[str, ...]
@@ -62,6 +123,7 @@ class Binding:
     fusion: Tensor | None
     mode: Literal["parameter", "feature"]
     device: torch.device
+    act: Act = "gradient"
 
 
 @dataclass(frozen=True)
@@ -107,13 +169,9 @@ class Targets:
     Attributes:
         encoders: modality -> the encoder tensors whose whole gradient is scaled (default: the
             whole group). In feature mode this must be the whole group.
-        columns: a linear fusion weight ``[out, sum of feature widths]`` whose column block of
-            modality ``m`` (widths taken from the features, in modality order) is scaled by
-            ``k_m`` too (MLB's official preset), or ``None``.
     """
 
     encoders: Mapping[str, Sequence[Tensor]]
-    columns: Tensor | None = None
 
 
 @dataclass
@@ -129,7 +187,8 @@ class StepPlan:
             DDP and multiplied by the loss scale of a ``GradScaler`` given to the engine.
         inject: gradients added inside the user's backward (see :class:`Injection`).
         transform: replaces ``k * grad`` on every encoder tensor (parameter mode only), e.g.
-            OGM-GE's generalisation-enhancement noise.
+            OGM-GE's generalisation-enhancement noise; declare ``transforms_gradients``.
+        hooks: gradient hooks on other tensors for this block (see :class:`GradHook`).
         scores: what the coefficients were decided from, by name (each ``[M]``, in modality
             order), for monitoring and logging; e.g. MLB's mean true-class probability per
             head. Read-only views for the user: the engine copies them.
@@ -143,39 +202,25 @@ class StepPlan:
     accumulate: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     inject: list[Injection] = field(default_factory=list)
     transform: GradTransform | None = None
+    hooks: list[GradHook] = field(default_factory=list)
     commit: Callable[[], None] | None = None
     scores: Mapping[str, Tensor] = field(default_factory=dict)
 
 
-class Method(nn.Module):
+class Method(nn.Module, metaclass=ABCMeta):
     """Base class of modulation methods.
 
     A method is an ``nn.Module`` so that its cross-step state lives in buffers and round-trips
     through ``state_dict()``. Buffers whose size depends on the number of modalities start
     empty and are sized on first use; ``load_state_dict`` resizes them to the checkpoint.
 
-    Subclasses set the class attributes below and implement :meth:`plan`; they may refine
-    :meth:`check` and :meth:`targets`.
+    Subclasses declare :meth:`needs` and implement :meth:`plan`; they may refine :meth:`check`,
+    :meth:`check_step`, :meth:`targets`, :meth:`set_epoch` and :meth:`reset`.
     """
 
-    #: Whether the method needs (``"required"``), can use (``"optional"``) or ignores
-    #: (``"unused"``; giving classifiers is then an error) one unimodal head per modality.
-    classifier_use: Literal["required", "optional", "unused"] = "unused"
-    #: Whether the method computes its heads' gradients itself (they must then stay outside a
-    #: DDP-wrapped model: gradmod all-reduces them).
-    trains_classifiers: bool = False
-    #: Whether the method reads ``features`` at every step.
-    uses_features: bool = True
-    #: Whether the method injects gradients into the live features (they must be in the graph).
-    injects_into_features: bool = False
-    #: Where the coefficients act.
-    level: Level = "encoders"
-    #: Fewest and most modalities the method supports.
-    min_modalities: int = 2
-    max_modalities: int | None = None
-    #: Buffers whose leading dimension is the number of modalities (checked when a state dict
-    #: is loaded into a context).
-    modality_buffers: tuple[str, ...] = ()
+    def needs(self) -> Needs:
+        """What this method needs from the engine (read once, when a context is built)."""
+        return Needs()
 
     def check(self, binding: Binding) -> list[str]:
         """Configuration problems specific to this method (empty when all is well)."""
@@ -189,6 +234,7 @@ class Method(nn.Module):
         """What each coefficient scales (default: the whole encoder group)."""
         return Targets(encoders={n: list(ps) for n, ps in binding.groups.items()})
 
+    @abstractmethod
     def plan(self, binding: Binding, step: Step) -> StepPlan:
         """Decide this step's coefficients (and extra gradients).
 
@@ -196,7 +242,6 @@ class Method(nn.Module):
         block; a step whose scores are not finite must leave the state unchanged and return
         neutral coefficients (ones).
         """
-        raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
         """Tell the method the current epoch (methods with an epoch window use it)."""
@@ -244,6 +289,17 @@ def class_index_problem(who: str, targets: Tensor, batch: int | None) -> list[st
             f"{tuple(targets.shape)}"
         ]
     return []
+
+
+def last_weight_matrix(module: nn.Module) -> Tensor | None:
+    """The last parameter of ``module`` with two or more dimensions (its output layer's weight):
+    what :attr:`Binding.fusion` is for a fusion module, and a head's matrix for a direction
+    loss."""
+    found: Tensor | None = None
+    for p in module.parameters():
+        if p.dim() >= 2:
+            found = p
+    return found
 
 
 def coefficient_dtype(device: torch.device) -> torch.dtype:

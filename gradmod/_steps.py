@@ -1,0 +1,77 @@
+"""The checks of one step's inputs and of its plan, before anything changes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from ._errors import StepError
+from ._protocol import Binding, LossScale, Method, Reduce, Step, StepPlan
+from ._validate import ParameterWatch, check_features
+
+__all__ = ["check_half", "check_step", "check_weight"]
+
+
+def check_step(
+    method: Method,
+    binding: Binding,
+    watch: ParameterWatch,
+    features: Mapping[str, Tensor] | None,
+    targets: Tensor | None,
+    *,
+    live: bool,
+    boundary: bool,
+    reduce: Reduce,
+    loss_scale: LossScale,
+) -> Step:
+    """This step's inputs as a :class:`Step`, or a ``StepError`` listing every problem (the
+    encoders' identity, the targets, the features, the method's own step checks)."""
+    problems = watch.problems()
+    if targets is None:
+        problems.append("no targets for this step: enter with ctx(features=..., targets=y)")
+    elif not isinstance(targets, Tensor):
+        problems.append(f"targets must be a tensor; got {type(targets).__name__}")
+    check_features(method, binding.names, features, live, problems)
+    step = None
+    if not problems:
+        assert targets is not None
+        step = Step(features or {}, targets, reduce, boundary, loss_scale)
+        problems.extend(method.check_step(binding, step))
+    if problems:
+        raise StepError("; ".join(problems))
+    assert step is not None
+    return step
+
+
+def check_weight(
+    method: Method, plan: StepPlan, *, boundary: bool, explicit: bool, window_open: bool
+) -> None:
+    """Refuse a block of an accumulation window without ``weight=`` when the method adds
+    gradients of its own: whether the user's loss is divided by ``n`` is not knowable."""
+    if explicit or not (plan.inject or plan.accumulate):
+        return
+    if boundary and not window_open:
+        return
+    which = "" if not boundary else " before this one"
+    raise StepError(
+        f"gradient accumulation (a block with boundary=False{which}) needs weight= on every "
+        f"block of the window: {type(method).__name__} adds gradients of its own (head losses, "
+        "direction loss) that must be divided like your loss: pass weight=1/n if you divide "
+        "the loss by the n micro-batches, weight=1.0 if you sum them"
+    )
+
+
+def check_half(plan: StepPlan, features: Mapping[str, Tensor], grad_scaler: object) -> None:
+    """Refuse float16 features without a ``grad_scaler`` when the method adds gradients of its
+    own: float16 training scales its loss with a ``GradScaler``, and gradients added without its
+    scale would be off by it after ``unscale_`` (``grad_scaler=False``: no scaler, on purpose)."""
+    if grad_scaler is not None or not (plan.inject or plan.accumulate):
+        return
+    if any(f.dtype == torch.float16 for f in features.values()):
+        raise StepError(
+            "float16 features but no grad_scaler: with a GradScaler, pass grad_scaler=scaler "
+            "(the method's own gradients must be scaled like the loss); training float16 "
+            "without one, pass grad_scaler=False"
+        )

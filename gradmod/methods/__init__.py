@@ -2,6 +2,7 @@
 
 from .._protocol import (
     Binding,
+    GradCombine,
     GradHook,
     GradTransform,
     Injection,
@@ -19,6 +20,7 @@ from .._protocol import (
 from ._agm import AGM
 from ._cggm import CGGM
 from ._fixed import Fixed
+from ._mmpareto import MMPareto
 from ._multiloss import MLB, MultiLoss
 from ._ogm import OGMGE
 from ._registry import REGISTRY, Registered, register, register_preset
@@ -28,6 +30,7 @@ __all__ = [
     "CGGM",
     "Fixed",
     "MLB",
+    "MMPareto",
     "OGMGE",
     "REGISTRY",
     "Registered",
@@ -35,6 +38,7 @@ __all__ = [
     "register_preset",
     "MultiLoss",
     "Binding",
+    "GradCombine",
     "GradHook",
     "GradTransform",
     "Injection",

@@ -69,3 +69,18 @@ def test_lightning_example_slows_the_strong_modality_and_boosts_the_weak_one(
     epochs = run("lightning_mlb.py", capsys)
     assert len(epochs) == 4
     assert all(0 < k["audio"] < 1 < k["video"] for k in epochs)
+
+
+def test_mmpareto_example_resolves_the_noisy_modality_s_conflicts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """examples/mmpareto.py: the noisy video encoder's fused and unimodal gradients conflict
+    early in training, the clean audio encoder's never; the fused model learns the task."""
+    runpy.run_path(str(EXAMPLES / "mmpareto.py"), run_name="__main__")
+    found = re.findall(r"conflict = (\{.*\}), accuracy = ([0-9.]+)", capsys.readouterr().out)
+    assert len(found) == 4
+    shares = [ast.literal_eval(s) for s, _ in found]
+    accuracy = [float(a) for _, a in found]
+    assert all(s["audio"] == 0.0 and 0.0 <= s["video"] <= 1.0 for s in shares)
+    assert shares[0]["video"] > 0.0
+    assert accuracy[-1] > 0.95

@@ -23,7 +23,8 @@ by a per-step coefficient chosen by a published method, inside your own training
   every problem at once, pre-accumulation hooks that exist only inside the ``with`` block,
   method state that advances only when the block exits cleanly.
 * Methods, switched with ``method=``: :class:`MLB`, :class:`MultiLoss`, :class:`CGGM`
-  (``official=True`` for parity with the authors' code), :class:`OGMGE`, :class:`AGM`, and
+  (``official=True`` for parity with the authors' code), :class:`OGMGE`, :class:`AGM`,
+  :class:`MMPareto` (gradient integration without conflict), and
   :class:`Fixed` (your own constants or schedule: with ``act="update"``, modality-specific
   learning rates).
 * :mod:`gradmod.functional` — the pure math (coefficient rules, improvement-rate scaling,

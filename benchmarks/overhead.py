@@ -3,6 +3,7 @@
     python benchmarks/overhead.py                      # both models, default repetitions
     python benchmarks/overhead.py --quick              # fast sanity run
     python benchmarks/overhead.py --models mlp --reps 1000 --warmup 50
+    python benchmarks/overhead.py --models transformer --variants param,param+monitor
 
 Every variant trains its own copy of the same model (identical initialisation) with Adam. One
 timed sample is ``--inner`` full training steps (forward + loss + backward + optimizer step +
@@ -35,6 +36,14 @@ Variants:
   of the fusion head only), gradmod's recommended use.
 * ``AGM, official input masking``: the same, but masking INPUTS and running the whole model
   2^M - 1 times, as the official code does: what AGM costs when used as published.
+* ``... + Monitor``: the parameter-mode, feature-mode and update-level (fast path) rows again,
+  with a :class:`gradmod.Monitor` given to the context (every block recorded: coefficients and
+  both gradient norms of every encoder tensor). Each is also paired with its row without the
+  monitor ("monitor cost" lines under the table: the median of the per-repetition ratio
+  on / off, with its ~95 % CI).
+
+``--variants`` times a subset (short keys, see ``--help``; ``plain`` is always timed, as the
+reference of every ratio).
 
 The gradmod engine rows (both modes and both update paths) use :class:`FixedCoefficients`, a method whose per-step work matches
 the official loop (the same cheaply varying coefficients, precomputed as ``[M]`` tensors, no
@@ -84,6 +93,9 @@ OGM_FULL = "OGM-GE full (METHOD cost: logits off the head, GE noise on every ten
 MLB_FULL = "MLB full (METHOD cost: +3 linear heads on the live features; feature mode)"
 AGM_FULL = "AGM full (METHOD cost: 2^M-1 = 7 fusion-head passes for the responses)"
 AGM_INPUT = "AGM, official input masking (METHOD cost: 7 full-model forwards)"
+PARAM_MON = "gradmod parameter mode + Monitor"
+FEATURE_MON = "gradmod feature mode + Monitor"
+UPDATE_FAST_MON = "gradmod update level, fast path + Monitor"
 VARIANTS = (
     PLAIN,
     CONTROL,
@@ -97,7 +109,36 @@ VARIANTS = (
     MLB_FULL,
     AGM_FULL,
     AGM_INPUT,
+    PARAM_MON,
+    FEATURE_MON,
+    UPDATE_FAST_MON,
 )
+#: ``--variants`` keys.
+KEYS = dict(
+    zip(
+        (
+            "plain",
+            "control",
+            "param",
+            "feature",
+            "official",
+            "update-fast",
+            "update-general",
+            "cggm",
+            "ogm",
+            "mlb",
+            "agm",
+            "agm-input",
+            "param+monitor",
+            "feature+monitor",
+            "update-fast+monitor",
+        ),
+        VARIANTS,
+        strict=True,
+    )
+)
+#: Rows timed with a Monitor, and the row without it that each is paired with.
+MONITORED = {PARAM_MON: PARAM, FEATURE_MON: FEATURE, UPDATE_FAST_MON: UPDATE_FAST}
 
 
 # ------------------------------------------------------------------------------ coefficients
@@ -233,8 +274,11 @@ class Variant:
     times: list[float] = field(default_factory=list)
 
 
-def make_variants(base: MultiModalNet, device: torch.device) -> list[Variant]:
-    """One independent copy of ``base`` (same initialisation) per variant, each with Adam."""
+def make_variants(
+    base: MultiModalNet, device: torch.device, selected: Sequence[str] = VARIANTS
+) -> list[Variant]:
+    """One independent copy of ``base`` (same initialisation) per selected variant, each with
+    Adam, in the order of :data:`VARIANTS`."""
 
     def fresh() -> MultiModalNet:
         return copy.deepcopy(base).to(device)
@@ -254,65 +298,77 @@ def make_variants(base: MultiModalNet, device: torch.device) -> list[Variant]:
         return step
 
     # (4) the seed repositories' loop
-    m_off = fresh()
-    opt_off = torch.optim.Adam(m_off.parameters(), lr=1e-4)
-    keys = list(PATHS.values())
-    counter = [0]
+    def official_step() -> Callable[[Batch], None]:
+        m_off = fresh()
+        opt_off = torch.optim.Adam(m_off.parameters(), lr=1e-4)
+        keys = list(PATHS.values())
+        counter = [0]
 
-    def official(batch: Batch) -> None:
-        xs, y = batch
-        logits, _ = m_off(xs)
-        F.cross_entropy(logits, y).backward()
-        counter[0] += 1
-        coeffs = coefficient_values(counter[0], len(keys))
-        for name, param in m_off.named_parameters():
-            if param.grad is None:
-                continue
-            for key, c in zip(keys, coeffs, strict=True):
-                if key in name:
-                    param.grad *= c
-                    break
-        opt_off.step()
-        opt_off.zero_grad()
+        def official(batch: Batch) -> None:
+            xs, y = batch
+            logits, _ = m_off(xs)
+            F.cross_entropy(logits, y).backward()
+            counter[0] += 1
+            coeffs = coefficient_values(counter[0], len(keys))
+            for name, param in m_off.named_parameters():
+                if param.grad is None:
+                    continue
+                for key, c in zip(keys, coeffs, strict=True):
+                    if key in name:
+                        param.grad *= c
+                        break
+            opt_off.step()
+            opt_off.zero_grad()
+
+        return official
 
     # (5) the full method: CGGM with classifiers and the direction loss
-    m_cggm = fresh()
-    fused = m_cggm.head.in_features
-    feat_dim = fused // len(NAMES)
-    # The direction loss compares each classifier's last weight matrix with the fusion head's,
-    # so each classifier ends in a layer of the head's shape (as in the official code).
-    classifiers = {
-        n: nn.Sequential(nn.Linear(feat_dim, fused), nn.ReLU(), nn.Linear(fused, N_CLASSES)).to(
-            device
-        )
-        for n in NAMES
-    }
-    return [
-        Variant(PLAIN, plain_step()),
-        Variant(CONTROL, plain_step()),
+    def cggm_step() -> Callable[[Batch], None]:
+        m_cggm = fresh()
+        fused = m_cggm.head.in_features
+        # The direction loss compares each classifier's last weight matrix with the fusion
+        # head's, so each classifier ends in a layer of the head's shape (as in the official
+        # code).
+        classifiers = {
+            n: nn.Sequential(
+                nn.Linear(fused // len(NAMES), fused), nn.ReLU(), nn.Linear(fused, N_CLASSES)
+            ).to(device)
+            for n in NAMES
+        }
+        return method_step(m_cggm, gradmod.CGGM(rho=1.3, lam=0.2), heads=classifiers, fusion="head")
+
+    feat_dim = base.head.in_features // len(NAMES)
+    builders: dict[str, Callable[[], Callable[[Batch], None]]] = {
+        PLAIN: plain_step,
+        CONTROL: plain_step,
         # the engine alone, with the engine-only method
-        Variant(PARAM, method_step(fresh(), FixedCoefficients(), mode="parameter")),
-        Variant(FEATURE, method_step(fresh(), FixedCoefficients(), mode="feature")),
-        Variant(OFFICIAL, official),
-        Variant(UPDATE_FAST, method_step(fresh(), FixedCoefficients(), update="fast")),
-        Variant(UPDATE_GENERAL, method_step(fresh(), FixedCoefficients(), update="general")),
-        Variant(
-            CGGM_FULL,
-            method_step(m_cggm, gradmod.CGGM(rho=1.3, lam=0.2), heads=classifiers, fusion="head"),
+        PARAM: lambda: method_step(fresh(), FixedCoefficients(), mode="parameter"),
+        FEATURE: lambda: method_step(fresh(), FixedCoefficients(), mode="feature"),
+        OFFICIAL: official_step,
+        UPDATE_FAST: lambda: method_step(fresh(), FixedCoefficients(), update="fast"),
+        UPDATE_GENERAL: lambda: method_step(fresh(), FixedCoefficients(), update="general"),
+        CGGM_FULL: cggm_step,
+        OGM_FULL: lambda: method_step(fresh(), gradmod.OGMGE(alpha=0.5), fusion="head"),
+        MLB_FULL: lambda: method_step(
+            fresh(),
+            gradmod.MLB(alpha=0.8),
+            heads={n: nn.Linear(feat_dim, N_CLASSES).to(device) for n in NAMES},
+            mode="feature",
         ),
-        Variant(OGM_FULL, method_step(fresh(), gradmod.OGMGE(alpha=0.5), fusion="head")),
-        Variant(
-            MLB_FULL,
-            method_step(
-                fresh(),
-                gradmod.MLB(alpha=0.8),
-                heads={n: nn.Linear(feat_dim, N_CLASSES).to(device) for n in NAMES},
-                mode="feature",
-            ),
+        AGM_FULL: lambda: agm_step(fresh(), inputs_masked=False),
+        AGM_INPUT: lambda: agm_step(fresh(), inputs_masked=True),
+        # the engine with a Monitor recording every block
+        PARAM_MON: lambda: method_step(
+            fresh(), FixedCoefficients(), mode="parameter", monitor=True
         ),
-        Variant(AGM_FULL, agm_step(fresh(), inputs_masked=False)),
-        Variant(AGM_INPUT, agm_step(fresh(), inputs_masked=True)),
-    ]
+        FEATURE_MON: lambda: method_step(
+            fresh(), FixedCoefficients(), mode="feature", monitor=True
+        ),
+        UPDATE_FAST_MON: lambda: method_step(
+            fresh(), FixedCoefficients(), update="fast", monitor=True
+        ),
+    }
+    return [Variant(name, builders[name]()) for name in VARIANTS if name in selected]
 
 
 def method_step(
@@ -323,15 +379,19 @@ def method_step(
     fusion: str | None = None,
     mode: gradmod.Mode | None = None,
     update: str | None = None,
+    monitor: bool = False,
 ) -> Callable[[Batch], None]:
     """A training step of ``method`` with its own optimizer (heads included).
 
     ``update``: ``None`` (gradient level), ``"fast"`` (update level, one param group per
     modality) or ``"general"`` (update level, one param group for the whole model).
+    ``monitor``: give the context a :class:`gradmod.Monitor` (its records are cleared every
+    1000 blocks, so a long run does not grow memory).
     """
+    mon = gradmod.Monitor() if monitor else None
     if update is None:
         ctx = gradmod.ModulationContext(
-            model, heads, encoders=PATHS, method=method, fusion=fusion, mode=mode
+            model, heads, encoders=PATHS, method=method, fusion=fusion, mode=mode, monitor=mon
         )
         opt = torch.optim.Adam([*model.parameters(), *ctx.classifier_parameters()], lr=1e-4)
     else:
@@ -344,7 +404,7 @@ def method_step(
             groups = [{"params": list(model.parameters())}]
         opt = torch.optim.Adam(groups, lr=1e-4)
         ctx = gradmod.ModulationContext(
-            model, heads, encoders=PATHS, method=method, act="update", optimizer=opt
+            model, heads, encoders=PATHS, method=method, act="update", optimizer=opt, monitor=mon
         )
 
     def step(batch: Batch) -> None:
@@ -355,6 +415,8 @@ def method_step(
             loss.backward()
         opt.step()
         opt.zero_grad()
+        if mon is not None and len(mon) >= 1000:
+            mon.clear()
 
     return step
 
@@ -429,11 +491,12 @@ def run_model(
     n_batches: int,
     device: torch.device,
     rng: random.Random,
-) -> tuple[list[Row], int, float]:
+    selected: Sequence[str] = VARIANTS,
+) -> tuple[list[Row], int, float, list[str]]:
     torch.manual_seed(0)
     base = spec.build()
     n_params = sum(p.numel() for p in base.parameters())
-    variants = make_variants(base, device)
+    variants = make_variants(base, device, selected)
     batches: list[Batch] = [
         (
             [torch.randn(spec.batch, *s, device=device) for s in spec.input_shapes],
@@ -471,7 +534,23 @@ def run_model(
         q1, med, q3 = quartiles(ratios)
         ci = median_ci(ratios)
         rows.append(Row(v.name, statistics.median(v.times) * 1e3, med, q1, q3, ci))
-    return rows, n_params, elapsed
+    return rows, n_params, elapsed, monitor_lines(variants)
+
+
+def monitor_lines(variants: Sequence[Variant]) -> list[str]:
+    """The Monitor's own cost: each monitored row paired with the same row without it."""
+    times = {v.name: v.times for v in variants}
+    lines = []
+    for on, off in MONITORED.items():
+        if on in times and off in times:
+            ratios = [a / b for a, b in zip(times[on], times[off], strict=True)]
+            lo, hi = median_ci(ratios)
+            med = statistics.median(ratios)
+            lines.append(
+                f"monitor cost, {off.split(' (')[0]}: on / off {med:.4f} "
+                f"({(med - 1) * 100:+.2f} %), 95 % CI [{lo:.4f}, {hi:.4f}]"
+            )
+    return lines
 
 
 def copy_line(spec: ModelSpec) -> str:
@@ -558,6 +637,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--inner", type=int, default=None, help="steps per timed sample")
     p.add_argument("--quick", action="store_true", help="few repetitions: a sanity run")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated subset to time (plain is always timed): {', '.join(KEYS)}",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled orders")
@@ -571,6 +655,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--tf-seq", type=int, default=32)
     p.add_argument("--tf-batch", type=int, default=16)
     args = p.parse_args(argv)
+    if args.variants is not None:
+        keys = [k.strip() for k in args.variants.split(",") if k.strip()]
+        unknown = [k for k in keys if k not in KEYS]
+        if unknown:
+            p.error(f"--variants: unknown {unknown}; choose from {', '.join(KEYS)}")
+        args.selected = [PLAIN, *(KEYS[k] for k in keys if KEYS[k] != PLAIN)]
+    else:
+        args.selected = list(VARIANTS)
     for name in ("reps", "warmup", "inner"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
@@ -605,7 +697,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Row]]:
             reps = args.reps if args.reps is not None else (5 if args.quick else spec.reps)
             warmup = args.warmup if args.warmup is not None else (1 if args.quick else spec.warmup)
             inner = args.inner if args.inner is not None else spec.inner
-            rows, n_params, elapsed = run_model(
+            rows, n_params, elapsed, mon_lines = run_model(
                 spec,
                 reps=reps,
                 warmup=warmup,
@@ -613,6 +705,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Row]]:
                 n_batches=max(1, args.batches),
                 device=device,
                 rng=rng,
+                selected=args.selected,
             )
             results[name] = rows
             print()
@@ -626,7 +719,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Row]]:
             print(markdown(rows))
             print()
             print(ci_line(rows))
-            print(copy_line(spec))
+            for line in mon_lines:
+                print(line)
+            if UPDATE_GENERAL in args.selected:
+                print(copy_line(spec))
         print()
         print(f"total wall time {time.perf_counter() - t_all:.1f} s")
     finally:

@@ -269,6 +269,32 @@ class Method(nn.Module, metaclass=ABCMeta):
         neutral coefficients (ones).
         """
 
+    def size_state(self, binding: Binding, fills: Mapping[str, float]) -> None:
+        """Size the per-modality buffers named in ``fills`` to ``[M]`` (filled with the given
+        value, in the coefficients' dtype) where they are still empty, and move every buffer
+        to the binding's device — the one rule for lazily sized state.
+
+        Raises:
+            ValueError: a buffer holds state for another number of modalities (call
+                :meth:`reset`, or use a new instance).
+        """
+        m, device = len(binding.names), binding.device
+        for name, fill in fills.items():
+            buf = getattr(self, name)
+            if buf.shape == (m,):
+                continue
+            if buf.numel():
+                raise ValueError(
+                    f"this {type(self).__name__} instance holds state for {buf.shape[0]} "
+                    f"modalities but is used with {m}; call reset() or use a new instance"
+                )
+            setattr(
+                self, name, torch.full((m,), fill, device=device, dtype=coefficient_dtype(device))
+            )
+        for name, buf in list(self.named_buffers(recurse=False)):
+            if buf.device != device:
+                setattr(self, name, buf.to(device))
+
     def set_epoch(self, epoch: int) -> None:
         """Tell the method the current epoch (methods with an epoch window use it)."""
 

@@ -43,7 +43,8 @@ class Wiring:
         self.update = update
         self.coefficients = coefficients
         self.hooks = HookSet(torch.ones_like(coefficients) if update else coefficients)
-        self._norms: tuple[GradNorms, GradNorms, bool] | None = None  # the block's, if monitored
+        # the block's gradient norms and how they are read, when monitored
+        self._norms: tuple[GradNorms, GradNorms, GradNorms, str] | None = None
         self._block: list[list[Tensor | None]] | None = None  # this block's stash (combine)
         self._window: list[list[Tensor | None]] | None = None  # the earlier clean blocks'
         self._landed: Tensor | None = None  # norms of what the latest boundary added
@@ -77,7 +78,11 @@ class Wiring:
         on_params = self.needs.level == "encoders" and self.mode == "parameter"
         if self.update:  # the coefficients act on the step, not here
             on_params = on_params and plan.transform is not None
-        observe_after = self._observe(on_params) if monitor is not None else None
+        observe_after = (
+            self._observe(on_params, plan.transform is not None, plan.combine is not None)
+            if monitor is not None
+            else None
+        )
         if not on_params:
             scaled = {id(t) for t in features.values()}
             heads = [ps[0] for ps in self.binding.groups.values() if ps]
@@ -150,27 +155,36 @@ class Wiring:
             self._landed = torch.stack(norms) if norms is not None else None
 
     # ----------------------------------------------------------------------------- monitor
-    def _observe(self, on_params: bool) -> Callable[[], None]:
-        """Observe the norm of every encoder parameter's gradient in this block.
+    def _observe(self, on_params: bool, transform: bool, combine: bool) -> Callable[[], None]:
+        """Observe the norm of every encoder parameter's gradient in this block (one
+        ``vector_norm`` per tensor; two where a gradient transform runs; with a combine, what
+        the hooks stash, the rest at the boundary: :meth:`land`).
 
-        With parameter hooks (``on_params``), registers the observers that run before them
-        and returns the registration of those that run after them (leaf hooks run in insertion
-        order); without, the parameters receive their final gradient: one observer each, added
-        by the returned call.
+        Registers the observers that run before gradmod's parameter hooks (leaf hooks run in
+        insertion order) and returns the registration of those that run after them.
         """
         groups = [self.binding.groups[n] for n in self.binding.names]
-        before, after = GradNorms([len(g) for g in groups]), GradNorms([len(g) for g in groups])
-        self._norms = (before, after, on_params)
+        before, after, part = (GradNorms([len(g) for g in groups]) for _ in range(3))
         tensors = [
             (m, i, p) for m, g in enumerate(groups) for i, p in enumerate(g) if p.requires_grad
         ]
         hooks = self.hooks
-        if not on_params:
+        if not on_params:  # the parameters receive their final gradient
+            self._norms = (before, after, part, "final")
             return lambda: hooks.observe(tensors, [after])
         hooked = {id(t) for ts in self.targets.encoders.values() for t in ts}
         scaled = [x for x in tensors if id(x[2]) in hooked]
-        hooks.observe(scaled, [before])
         hooks.observe([x for x in tensors if id(x[2]) not in hooked], [before, after])
+        if combine:  # the hooks let zeros through; what lands is measured when it lands
+            self._norms = (before, after, part, "combined")
+            hooks.observe(scaled, [before])
+            return lambda: None
+        if not transform:  # the hook multiplies by k: |k| times the norm it receives
+            self._norms = (before, after, part, "scaled")
+            hooks.observe(scaled, [before, part])
+            return lambda: None
+        self._norms = (before, after, part, "observed")
+        hooks.observe(scaled, [before])
         return lambda: hooks.observe(scaled, [after])
 
     def report(
@@ -180,14 +194,19 @@ class Wiring:
         norms, self._norms = self._norms, None
         if norms is None:
             return
-        before, after, seen = norms
+        before, after, part, how = norms
         k = self.coefficients
         norm_after = after.totals(k.dtype, k.device)
         landed, self._landed = self._landed, None
-        if plan.combine is not None:  # what was added: the window's combination at a boundary
-            norm_after = landed.to(k) if landed is not None else torch.zeros_like(k)
-        if seen:  # observed on both sides of the scaling hooks
+        if how == "combined":  # after: the unhooked tensors', and what the boundary added
             norm_before = before.totals(k.dtype, k.device)
+            if landed is not None:
+                norm_after = torch.hypot(landed.to(norm_after), norm_after)
+        elif how == "observed":  # on both sides of the scaling hooks
+            norm_before = before.totals(k.dtype, k.device)
+        elif how == "scaled":  # the hooked tensors' gradients were multiplied by k
+            norm_before = before.totals(k.dtype, k.device)
+            norm_after = torch.hypot(k.abs() * part.totals(k.dtype, k.device), norm_after)
         elif self.update:  # the coefficients act on the update: nothing scaled
             norm_before = norm_after
         elif self.needs.level == "responses":  # every response reaches every encoder

@@ -104,9 +104,11 @@ class Monitor:
       ``grad_scaler`` given to the context; on each rank its local gradient, before DDP's
       all-reduce). How they are obtained:
 
-      - parameter mode (gradient level): observed by one hook just before gradmod's scaling
-        hook and one just after it, so they are exactly what it received and returned (OGM-GE's
-        noise included);
+      - parameter mode (gradient level): "before" is observed by a hook just before gradmod's
+        scaling hook (what it receives); "after" is ``|k|`` times it (what a multiplication by
+        ``k`` returns, exact up to rounding; the tensors a method leaves unscaled enter
+        unscaled) — or, where the method transforms the gradients (OGM-GE's noise), observed by
+        a second hook just after the scaling hook;
       - feature mode: the parameters receive gradients already scaled at the features; "after"
         is observed, and ``before = after / |k|`` (exact, since backprop is linear; NaN where
         ``k = 0``);

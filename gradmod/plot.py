@@ -55,7 +55,8 @@ def plot_traces(
 
     Panels, stacked over a shared x axis (the block index ``step``): the coefficients (a
     dotted line at 1: no modulation); the gradient norms on a log scale, after modulation solid
-    and before dashed, one colour per modality; the scores, one line style per score.
+    and before dashed (one line where they are equal, as on the update level), one colour per
+    modality; the scores, one line style per score.
 
     Args:
         monitor: the monitor whose records are drawn (one host transfer).
@@ -109,10 +110,13 @@ def plot_traces(
     positive = True
     for n, c in zip(names, colours, strict=True):
         after, before = values[f"grad_norm_after/{n}"], values[f"grad_norm_before/{n}"]
+        positive = positive and all(v > 0 for v in after + before if math.isfinite(v))
+        if before == after:  # nothing modulated the gradients (the update level)
+            ax.plot(steps, after, color=c, label=f"{n} (before = after)")
+            continue
         ax.plot(steps, after, color=c, label=f"{n} after")
         if _finite(before):
             ax.plot(steps, before, color=c, linestyle="--", label=f"{n} before")
-        positive = positive and all(v > 0 for v in after + before if math.isfinite(v))
     if positive:
         ax.set_yscale("log")
     ax.set_ylabel("encoder grad norm")

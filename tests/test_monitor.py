@@ -314,7 +314,7 @@ def test_a_block_that_raises_records_nothing_and_leaves_no_hook() -> None:
 
 @pytest.mark.parametrize("mode", ["parameter", "feature"])
 def test_hooks_only_with_a_monitor_and_only_inside_the_block(mode: str) -> None:
-    params = {}
+    inside = {}
     for watched in (False, True):
         model = make()
         ctx = ctx_for(model, gradmod.Fixed(K), mode=mode, monitor=Monitor() if watched else None)
@@ -322,14 +322,54 @@ def test_hooks_only_with_a_monitor_and_only_inside_the_block(mode: str) -> None:
         xs, y = on_device(*data())
         feats = model.features(xs)
         with ctx(features=feats, targets=y):
-            params[watched] = (hook_count(enc), monitor_keys(enc))
+            inside[watched] = (hook_count(enc), monitor_keys(enc))
+            if watched and mode == "parameter":  # the observer runs before the scaling hook
+                order = [list(p._backward_hooks or {}) for p in enc]
+                assert all(keys[0][0] == "gradmod.monitor" for keys in order)
+                assert all(keys[1] == "gradmod.modulation" for keys in order)
             F.cross_entropy(model.fuse(feats), y).backward()
         assert hook_count(list(model.parameters())) == 0
-    inside_off, inside_on = params[False], params[True]
-    assert inside_off[1] == 0
-    per_param = 2 if mode == "parameter" else 1  # before + after around the scaling hook
-    assert inside_on[1] == per_param * len(enc)
-    assert inside_on[0] == inside_off[0] + per_param * len(enc)
+    assert inside[False][1] == 0
+    assert inside[True][1] == len(enc)  # one observer per encoder tensor
+    assert inside[True][0] == inside[False][0] + len(enc)
+
+
+def test_ogm_ge_observes_both_sides_of_its_transform() -> None:
+    model = make()
+    ctx = ctx_for(model, gradmod.OGMGE(alpha=0.5, seed=1), fusion="head", monitor=Monitor())
+    enc = [p for n in NAMES for p in model.enc[n].parameters()]
+    xs, y = on_device(*data())
+    feats = model.features(xs)
+    with ctx(features=feats, targets=y):
+        keys = [list(p._backward_hooks or {}) for p in enc]
+        F.cross_entropy(model.fuse(feats), y).backward()
+    assert all(k[1] == "gradmod.modulation" and k[0] != k[2] for k in keys)
+    assert monitor_keys(enc) == 0
+
+
+class WeightsOnly(gradmod.Fixed):
+    """Fixed coefficients on the encoders' weight matrices only (their biases unscaled)."""
+
+    def targets(self, binding: gradmod.Binding) -> gradmod.Targets:
+        return gradmod.Targets(
+            {n: [p for p in ps if p.dim() == 2] for n, ps in binding.groups.items()}
+        )
+
+
+def test_parameter_mode_with_part_of_each_encoder_scaled() -> None:
+    model = make()
+    mon = Monitor()
+    ctx = ctx_for(model, WeightsOnly(K), monitor=mon)
+    model.zero_grad(set_to_none=True)
+    run_block(model, ctx)
+    rec = mon.to_dict()
+    ref = plain_grads(model)
+    close(column(rec, "grad_norm_before")[0], torch.stack([norm(ref[n]) for n in NAMES]))
+    close(column(rec, "grad_norm_after")[0], grad_norms(model), "after = norm of .grad")
+    weights = torch.stack([norm([g for g in ref[n] if g.dim() == 2]) for n in NAMES])
+    biases = torch.stack([norm([g for g in ref[n] if g.dim() == 1]) for n in NAMES])
+    expected = torch.hypot(torch.tensor(K, dtype=F64) * weights, biases)
+    close(column(rec, "grad_norm_after")[0], expected)
 
 
 def test_a_monitor_must_be_a_monitor() -> None:

@@ -23,7 +23,8 @@ by a per-step coefficient chosen by a published method, inside your own training
   every problem at once, pre-accumulation hooks that exist only inside the ``with`` block,
   method state that advances only when the block exits cleanly.
 * Methods, switched with ``method=``: :class:`MLB`, :class:`MultiLoss`, :class:`CGGM`
-  (``official=True`` for parity with the authors' code), :class:`OGMGE`, :class:`AGM`,
+  (``official=True`` for parity with the authors' code), :class:`OGMGE`, :class:`OPM`
+  (drops the dominant modality's features in the forward: ``ctx.prepare``), :class:`AGM`,
   :class:`MMPareto` (gradient integration without conflict), and
   :class:`Fixed` (your own constants or schedule: with ``act="update"``, modality-specific
   learning rates).
@@ -46,6 +47,7 @@ from .methods import (
     CGGM,
     MLB,
     OGMGE,
+    OPM,
     Binding,
     Fixed,
     GradHook,
@@ -54,6 +56,7 @@ from .methods import (
     MMPareto,
     MultiLoss,
     Needs,
+    Prepared,
     Step,
     StepPlan,
     Targets,
@@ -70,6 +73,7 @@ __all__ = [
     "MLB",
     "MMPareto",
     "OGMGE",
+    "OPM",
     "MultiLoss",
     "Binding",
     "ConfigurationError",
@@ -81,6 +85,7 @@ __all__ = [
     "Mode",
     "ModulationContext",
     "Needs",
+    "Prepared",
     "Monitor",
     "Step",
     "StepError",

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ._errors import StepError
 
-__all__ = ["accumulate", "loss_scale", "mean_over_ranks", "reduce_sum", "world_size"]
+__all__ = ["accumulate", "loss_scale", "mean_over_ranks", "rank", "reduce_sum", "world_size"]
 
 
 def world_size(group: Any) -> int:
@@ -19,6 +19,13 @@ def world_size(group: Any) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return int(dist.get_world_size(group))
+
+
+def rank(group: Any) -> int:
+    """This process's rank in ``group`` (0 outside an initialised process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return int(dist.get_rank(group))
 
 
 def reduce_sum(t: Tensor, group: Any) -> Tensor:

@@ -32,6 +32,7 @@ __all__ = [
     "LossScale",
     "Method",
     "Needs",
+    "Prepared",
     "Reduce",
     "Step",
     "StepPlan",
@@ -85,6 +86,8 @@ class Needs:
             the whole window's gradient with gradients of its own (:attr:`StepPlan.combine`):
             it needs parameter hooks and live features, and has no update-level form (the
             engine refuses ``mode="feature"`` and ``act="update"`` at construction).
+        forward: the method acts in the forward (:meth:`Method.prepare`): in training, every
+            block must follow a ``ctx.prepare(features=..., targets=...)`` of its features.
 
     A method that cannot act as configured (e.g. on the update level: ``binding.act``) says so
     in :meth:`Method.check`.
@@ -100,6 +103,7 @@ class Needs:
     fusion: Literal["unused", "reads", "changes"] = "unused"
     transforms_gradients: bool = False
     combines_gradients: bool = False
+    forward: bool = False
 
 
 class GradHook(NamedTuple):
@@ -150,6 +154,11 @@ class Step:
             step (``False`` for the earlier micro-batches of a gradient-accumulation window).
         loss_scale: returns the ``GradScaler``'s current scale (see :data:`LossScale`); call
             it inside backward (or in a :data:`GradCombine`), not in :meth:`Method.plan`.
+        carry: what :meth:`Method.prepare` returned for these features (:class:`Prepared`),
+            handed to :meth:`Method.plan`; ``None`` for methods that do not act in the forward,
+            and in :meth:`Method.prepare` itself.
+        rank, world: this process's rank and the number of ranks of the reduction (0 and 1
+            outside ``torch.distributed``).
         weight: the block's ``weight=`` (1 when not given). The engine applies it to
             ``inject`` and ``accumulate``; a method that keeps gradients of its own across the
             blocks of a window (for :attr:`StepPlan.combine`) multiplies them by it.
@@ -160,7 +169,24 @@ class Step:
     reduce: Reduce
     boundary: bool = True
     loss_scale: LossScale = field(default=lambda: None)
+    carry: Any = None
+    rank: int = 0
+    world: int = 1
     weight: float = 1.0
+
+
+class Prepared(NamedTuple):
+    """What :meth:`Method.prepare` made of one forward's features.
+
+    Attributes:
+        features: modality -> the tensor the fusion head consumes instead of the encoder
+            output (e.g. OPM's dropped and rescaled features), in the autograd graph of it.
+        carry: anything the next block's :meth:`Method.plan` needs (``Step.carry``): what was
+            drawn, the scores it was decided from.
+    """
+
+    features: Mapping[str, Tensor]
+    carry: Any = None
 
 
 class Injection(NamedTuple):
@@ -241,7 +267,8 @@ class Method(nn.Module, metaclass=ABCMeta):
     empty and are sized on first use; ``load_state_dict`` resizes them to the checkpoint.
 
     Subclasses declare :meth:`needs` and implement :meth:`plan`; they may refine :meth:`check`,
-    :meth:`check_step`, :meth:`targets`, :meth:`set_epoch` and :meth:`reset`.
+    :meth:`check_step`, :meth:`targets`, :meth:`set_epoch` and :meth:`reset`. A method that
+    acts in the forward declares ``Needs(forward=True)`` and implements :meth:`prepare`.
     """
 
     def needs(self) -> Needs:
@@ -294,6 +321,17 @@ class Method(nn.Module, metaclass=ABCMeta):
         for name, buf in list(self.named_buffers(recurse=False)):
             if buf.device != device:
                 setattr(self, name, buf.to(device))
+
+    def prepare(self, binding: Binding, step: Step) -> Prepared:
+        """Change one training forward's features before fusion (``Needs(forward=True)``).
+
+        Called by ``ctx.prepare`` in training with grad enabled, on the encoder outputs
+        (``step.boundary`` is not known yet and ``step.carry`` is ``None``); the result's
+        ``carry`` reaches the :meth:`plan` of the block that backpropagates these features. Like
+        :meth:`plan`, it must not change the method's state (a block that raises is redone with
+        the same draws); its randomness is a function of the state and ``step.rank``.
+        """
+        return Prepared(dict(step.features), None)
 
     def set_epoch(self, epoch: int) -> None:
         """Tell the method the current epoch (methods with an epoch window use it)."""

@@ -38,7 +38,7 @@ def check_step(
     step = None
     if not problems:
         assert targets is not None
-        step = Step(features or {}, targets, reduce, boundary, loss_scale, weight)
+        step = Step(features or {}, targets, reduce, boundary, loss_scale, weight=weight)
         problems.extend(method.check_step(binding, step))
     if problems:
         raise StepError("; ".join(problems))

@@ -18,11 +18,16 @@ refusal checked to be a ``ConfigurationError``):
 * DDP on 2 gloo processes equals the single-process full batch (one launch for all entries);
 * ``torch.compile``d encoders give the eager result;
 * no hook is left behind, also when the block raises.
+
+A method that acts in the forward (``Needs(forward=True)``) is run as documented: its features
+go through ``ctx.prepare`` before fusion, and the reference fuses what a deep copy of it
+prepares, handing the carry to its plan.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -128,6 +133,8 @@ class Run:
         if self.needs.level == "responses":
             feats = gradmod.functional.shapley_responses(self.model.fuse, feats)
             out = sum(feats.values())
+        elif self.needs.forward:  # the method acts in the forward: fuse what it prepared
+            out = self.model.fuse(self.ctx.prepare(feats, y))
         else:
             out = self.model.fuse(feats)
         return F.cross_entropy(out, y), feats  # type: ignore[arg-type]
@@ -219,12 +226,17 @@ def test_the_plan_is_applied_exactly(name: str, use: str) -> None:
         binding.act,
     )
     feats = model.features(xs)
+    step = gradmod.Step(feats, y, lambda t: t, True, lambda: None, weight=0.5)
     if run.needs.level == "responses":
         feats = gradmod.functional.shapley_responses(model.fuse, feats)
+        step = gradmod.Step(feats, y, lambda t: t, True, lambda: None, weight=0.5)
         loss = F.cross_entropy(sum(feats.values()), y)  # type: ignore[arg-type]
+    elif run.needs.forward:  # the forward the method prepares, its carry to the plan
+        prepared = method.prepare(ref_binding, step)
+        loss = F.cross_entropy(model.fuse(prepared.features), y)
+        step = dataclasses.replace(step, carry=prepared.carry)
     else:
         loss = F.cross_entropy(model.fuse(feats), y)
-    step = gradmod.Step(feats, y, lambda t: t, True, lambda: None, weight=0.5)
     plan = method.plan(ref_binding, step)
     k = plan.coefficients.detach()
     act_on_grads = use != "update"
@@ -422,8 +434,9 @@ def _ddp_worker(rank: int, world: int, path: str, out: str) -> None:
 def test_two_processes_equal_the_full_batch() -> None:
     """Each rank runs half of every batch (gradients averaged over the ranks, as DDP does);
     gradmod's scores, metrics and head gradients are global: the result equals the
-    single-process full batch (except where a method's noise depends on the local gradient by
-    design: OGM-GE's std, then the ranks still agree bit for bit)."""
+    single-process full batch (except where a method's randomness is local by design: OGM-GE's
+    noise, whose std is the local gradient's, and a forward-acting method's per-rank draws
+    (OPM's masks); then the ranks still agree bit for bit)."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "res")
         mp.spawn(_ddp_worker, args=(2, os.path.join(d, "rdv"), out), nprocs=2, join=True)
@@ -433,7 +446,8 @@ def test_two_processes_equal_the_full_batch() -> None:
         for i, t in tensors.items():
             assert torch.equal(t, ranks[1][key][i]), (key, i)
         name, use = key.split("/", 1)
-        if REGISTRY[name].make(3).needs().transforms_gradients:
+        needs = REGISTRY[name].make(3).needs()
+        if needs.transforms_gradients or needs.forward:
             continue
         single = Run(name, use)
         single.train(range(3))

@@ -46,6 +46,21 @@ def test_ogm_ge_example_slows_the_clean_modality_inside_the_window_only(
         assert k == {"audio": 1.0, "video": 1.0}
 
 
+def test_opm_example_drops_only_the_clean_modality_and_leaves_evaluation_alone(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    runpy.run_path(str(EXAMPLES / "opm.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    q = [ast.literal_eval(x) for x in re.findall(r"q = (\{.*?\})", out)]
+    dropped = [ast.literal_eval(x) for x in re.findall(r"dropped = (\{.*?\})", out)]
+    assert len(q) == len(dropped) == 4
+    assert all(0.5 < e["audio"] <= 0.75 and e["video"] == 0.0 for e in q)  # q_base (1 + lam)
+    counts = [d["audio"] for d in dropped]
+    assert counts == sorted(counts) and counts[0] > 0 and all(d["video"] == 0 for d in dropped)
+    assert "eval: unchanged = True" in out
+    assert float(re.findall(r"accuracy = ([0-9.]+)", out)[0]) > 0.9
+
+
 def test_agm_example_slows_the_clean_modality_and_boosts_the_noisy_one(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -187,6 +187,42 @@ for _alpha in OGM_GRID:
     register(_name, grid=_alpha != 0.1, alpha=_alpha, window=(0, 10))(ogm_ge)
 
 
+# ------------------------------------------------- gradmod.OPM and the TPAMI OGM "plus" form
+def opm(parts: Parts, config: Config, opt: Optimizer) -> gradmod.ModulationContext:
+    """OPM (TPAMI 2024): the dominant modality's features dropped in the forward (the training
+    loop fuses ``ctx.prepare(feats, y)``); scores read off the linear fused head."""
+    return gradmod.ModulationContext(
+        parts.model,
+        encoders=parts.encoder_paths(),
+        method=gradmod.OPM(
+            q_base=config["q_base"], lam=config["lam"], p_exe=config["p_exe"], seed=0
+        ),
+        fusion="head",
+        **level(config, opt),
+    )
+
+
+# the official values (no warm-up: the official 6 of 100 epochs have no counterpart here)
+register("opm", q_base=0.5, lam=0.5, p_exe=0.7)(opm)
+
+
+def ogm_tpami(parts: Parts, config: Config, opt: Optimizer) -> gradmod.ModulationContext:
+    """The TPAMI 2024 OGM's "plus" form: the weak encoder's gradient times ``boost``. (Its
+    default form is OGM-GE's rule up to exact ties: ``ogm-ge:alpha=0.8`` measures it.)"""
+    return gradmod.ModulationContext(
+        parts.model,
+        encoders=parts.encoder_paths(),
+        method=gradmod.OGMGE(
+            form="tpami", boost=config["boost"], alpha=1.0, window=config["window"], seed=0
+        ),
+        fusion="head",
+        **level(config, opt),
+    )
+
+
+register("ogm-tpami-plus", grid=True, boost=4.0, window=(0, 10))(ogm_tpami)
+
+
 # ---------------------------------------------------------------------------- gradmod.AGM
 def agm(parts: Parts, config: Config, opt: Optimizer) -> gradmod.ModulationContext:
     """AGM on the Shapley responses of the fused head (features of absent modalities zeroed)."""
@@ -286,5 +322,13 @@ register("mmpareto:official", grid=True, heads="linear", rescale="tensor", polic
 # reach the fused head too; MLB's official scaling of a fused-head column block neither). The
 # recommended configuration's is part of --quick; the others are grid points (full runs).
 at_update("balanced", grid=False)
-for _name in ("cggm", "ogm-ge", "ogm-ge:alpha=0.8", "mlb:gate=boost", "mlb:gate=both"):
+# OPM has none: its coefficients are ones (it acts in the forward).
+for _name in (
+    "cggm",
+    "ogm-ge",
+    "ogm-ge:alpha=0.8",
+    "ogm-tpami-plus",
+    "mlb:gate=boost",
+    "mlb:gate=both",
+):
     at_update(_name)

@@ -8,6 +8,7 @@
 # Environment:
 #   CGGM_SRC, OGM_SRC, AGM_SRC, MLB_SRC  extracted official sources (required; see README.md)
 #   MMPARETO_SRC  extracted GeWu-Lab/MMPareto_ICML2024 (optional: its stage is skipped without it)
+#   BML_SRC   extracted GeWu-Lab/BML_TPAMI2024 (optional: the OPM / revised OGM formula check)
 #   PY        interpreter with torch, scikit-learn and einops (default: python)
 #   OUT       output folder (default: results/parity in this checkout; gitignored)
 #   RERECORD  1: re-record the official traces even if OUT already holds them
@@ -111,6 +112,16 @@ if [ -n "${MMPARETO_SRC:-}" ]; then
   fi
 else
   echo "skipped: set MMPARETO_SRC to an extracted copy of GeWu-Lab/MMPareto_ICML2024"
+fi
+
+if [ -n "${BML_SRC:-}" ]; then
+  echo "== opm_formula (OPM / revised OGM of BML_TPAMI2024, official lines exec'd on the same inputs)"
+  [ -d "$BML_SRC" ] || { echo "missing directory: $BML_SRC" >&2; exit 2; }
+  export BML_SRC
+  "$PY" -W ignore "$HERE/opm_formula.py" > "$OUT/opm_formula.txt" 2>&1 || fail "opm_formula" "$OUT/opm_formula.txt"
+  grep -E ' vs |leak on|rounds to|^vector: s|^vector: q' "$OUT/opm_formula.txt" || true
+else
+  echo "== opm_formula skipped (set BML_SRC to an extracted GeWu-Lab/BML_TPAMI2024)"
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then

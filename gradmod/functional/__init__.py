@@ -5,7 +5,10 @@ synchronisation (no ``.item()``, no numpy) and differentiable where it matters, 
 on its own, inside a compiled region, or as the reference that the hook engine is tested against.
 
 * Coefficient rules: :func:`improvement_rate_scale` (CGGM), :func:`ogm_ge_coefficients`
-  (OGM-GE), :func:`agm_coefficients` (AGM), :func:`mlb_coefficients` (MLB).
+  (OGM-GE), :func:`agm_coefficients` (AGM), :func:`mlb_coefficients` (MLB),
+  :func:`ogm_tpami_coefficients` (the revised OGM of the TPAMI 2024 extension).
+* OPM (on-the-fly prediction modulation, TPAMI 2024): :func:`opm_drop_probability`,
+  :func:`opm_drop` (seeded per-sample feature dropping) and :func:`opm_feature_scale`.
 * Scores they read: :func:`true_class_probability`, :func:`clipped_nll`, :func:`correct`,
   :func:`sign_correct` (and their batch means :func:`accuracy`, :func:`sign_accuracy`),
   :func:`one_vs_others_ratio`, :func:`mean_of_others`.
@@ -22,15 +25,27 @@ from ._cggm import Policy, improvement_rate_scale
 from ._cosine import TensorOrList, cosine_direction_loss, flat_cosine
 from ._metrics import accuracy, correct, sign_accuracy, sign_correct
 from ._mlb import Gate, mlb_coefficients
-from ._mmpareto import ParetoCombination, Rescale, mmpareto_combine, mmpareto_weights
+from ._mmpareto import ParetoCombination, ParetoRescale, mmpareto_combine, mmpareto_weights
 from ._ogm import OGMForm, ogm_ge_coefficients
+from ._opm import (
+    OGMVariant,
+    OPMDrop,
+    Rescale,
+    ogm_tpami_coefficients,
+    opm_drop,
+    opm_drop_probability,
+    opm_feature_scale,
+)
 from ._scores import clipped_nll, mean_of_others, one_vs_others_ratio, true_class_probability
 from ._shapley import shapley_responses
 
 __all__ = [
     "Gate",
     "OGMForm",
+    "OGMVariant",
+    "OPMDrop",
     "ParetoCombination",
+    "ParetoRescale",
     "Policy",
     "Rescale",
     "TensorOrList",
@@ -46,7 +61,11 @@ __all__ = [
     "mmpareto_combine",
     "mmpareto_weights",
     "ogm_ge_coefficients",
+    "ogm_tpami_coefficients",
     "one_vs_others_ratio",
+    "opm_drop",
+    "opm_drop_probability",
+    "opm_feature_scale",
     "shapley_responses",
     "sign_accuracy",
     "sign_correct",

@@ -15,11 +15,11 @@ from torch import Tensor
 from ._cggm import Policy
 from ._cosine import TensorOrList, _as_list, _check_pairs
 
-__all__ = ["ParetoCombination", "Rescale", "mmpareto_combine", "mmpareto_weights"]
+__all__ = ["ParetoCombination", "ParetoRescale", "mmpareto_combine", "mmpareto_weights"]
 
 #: Where MMPareto's magnitude rescaling is measured: per parameter tensor (the official code) or
 #: once over the whole encoder (gradmod's option; keeps the combined direction).
-Rescale = Literal["tensor", "encoder"]
+ParetoRescale = Literal["tensor", "encoder"]
 
 # The clamped ends of the two-vector min-norm solver the official code uses (MGDA's
 # ``_min_norm_element_from2``): weight 0.999 on the multimodal gradient when <g, u> >= <g, g>,
@@ -123,7 +123,7 @@ def mmpareto_combine(
     unimodal: TensorOrList,
     *,
     gamma: float = 1.5,
-    rescale: Rescale = "tensor",
+    rescale: ParetoRescale = "tensor",
     policy: Policy = "safe",
     rtol: float | None = None,
 ) -> ParetoCombination:

@@ -10,6 +10,7 @@ from .._protocol import (
     LossScale,
     Method,
     Needs,
+    Prepared,
     Reduce,
     Step,
     StepPlan,
@@ -23,6 +24,7 @@ from ._fixed import Fixed
 from ._mmpareto import MMPareto
 from ._multiloss import MLB, MultiLoss
 from ._ogm import OGMGE
+from ._opm import OPM
 from ._registry import REGISTRY, Registered, register, register_preset
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "MLB",
     "MMPareto",
     "OGMGE",
+    "OPM",
     "REGISTRY",
     "Registered",
     "register",
@@ -45,6 +48,7 @@ __all__ = [
     "Level",
     "Method",
     "Needs",
+    "Prepared",
     "LossScale",
     "Reduce",
     "Step",

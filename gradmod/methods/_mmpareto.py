@@ -23,7 +23,7 @@ from .._protocol import (
     class_index_problem,
     coefficient_dtype,
 )
-from ..functional import Policy, Rescale, mmpareto_combine
+from ..functional import ParetoRescale, Policy, mmpareto_combine
 from ._args import check_args
 from ._registry import register
 
@@ -121,7 +121,7 @@ class MMPareto(Method):
         self,
         *,
         gamma: float = 1.5,
-        rescale: Rescale = "encoder",
+        rescale: ParetoRescale = "encoder",
         policy: Policy = "safe",
         loss_fn: Loss | None = None,
     ) -> None:
@@ -133,7 +133,7 @@ class MMPareto(Method):
             choices.append(f"MMPareto: policy must be 'safe' or 'official'; got {policy!r}")
         check_args("MMPareto", [("gamma", gamma, 0.0, False, None)], choices)
         self.gamma = float(gamma)
-        self.rescale: Rescale = rescale
+        self.rescale: ParetoRescale = rescale
         self.policy: Policy = policy
         self.loss_fn: Loss = loss_fn if loss_fn is not None else F.cross_entropy
         self._default_loss = loss_fn is None

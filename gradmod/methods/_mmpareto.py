@@ -17,7 +17,6 @@ from .._protocol import (
     Binding,
     Method,
     Needs,
-    Reduce,
     Step,
     StepPlan,
     class_index_problem,
@@ -41,18 +40,14 @@ def _live_input(head: nn.Module, h: Tensor) -> Tensor:
     return h
 
 
-def _rank_mean(rows: Rows, reduce: Reduce) -> Rows:
-    """``rows`` averaged over ranks: one reduction of a count, one of the flattened tensors;
-    ``rows`` itself when ``reduce`` is the identity (one process)."""
+def _rank_mean(rows: Rows, step: Step) -> Rows:
+    """``rows`` averaged over ``step``'s ranks (one reduction of the flattened tensors);
+    ``rows`` itself on one process."""
     flat = [x for row in rows for x in row]
-    if not flat:
-        return rows
-    probe = flat[0].new_ones((), dtype=torch.float64)
-    world = reduce(probe)
-    if world is probe:
+    if step.world == 1 or not flat:
         return rows
     dtype = functools.reduce(torch.promote_types, (x.dtype for x in flat))
-    summed = reduce(torch.cat([x.reshape(-1).to(dtype) for x in flat])) / world.to(dtype)
+    summed = step.reduce(torch.cat([x.reshape(-1).to(dtype) for x in flat])) / step.world
     parts = iter(summed.split([x.numel() for x in flat]))
     return [[next(parts).view_as(x).to(x.dtype) for x in row] for row in rows]
 
@@ -204,7 +199,7 @@ class MMPareto(Method):
 
         def combine(m: int, g: list[Tensor]) -> list[Tensor]:
             if not unimodal:  # once per boundary: over ranks, in the units of the stash
-                u = _rank_mean(total, step.reduce)
+                u = _rank_mean(total, step)
                 scale = step.loss_scale()
                 if scale is not None:
                     u = [[x * scale.to(x.dtype) for x in row] for row in u]

@@ -25,7 +25,8 @@ by a per-step coefficient chosen by a published method, inside your own training
 * Methods, switched with ``method=``: :class:`MLB`, :class:`MultiLoss`, :class:`CGGM`
   (``official=True`` for parity with the authors' code), :class:`OGMGE`, :class:`OPM`
   (drops the dominant modality's features in the forward: ``ctx.prepare``), :class:`AGM`,
-  :class:`InfoReg` (a proximal pull on the prime modality during the prime learning window), and
+  :class:`InfoReg` (a proximal pull on the prime modality during the prime learning window),
+  :class:`MMPareto` (gradient integration without conflict), and
   :class:`Fixed` (your own constants or schedule: with ``act="update"``, modality-specific
   learning rates).
 * :mod:`gradmod.functional` — the pure math (coefficient rules, improvement-rate scaling,
@@ -54,6 +55,7 @@ from .methods import (
     InfoReg,
     Injection,
     Method,
+    MMPareto,
     MultiLoss,
     Needs,
     Prepared,
@@ -72,6 +74,7 @@ __all__ = [
     "Fixed",
     "InfoReg",
     "MLB",
+    "MMPareto",
     "OGMGE",
     "OPM",
     "MultiLoss",

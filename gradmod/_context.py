@@ -456,6 +456,7 @@ class ModulationContext:
                 boundary=boundary,
                 reduce=self._reduce,
                 loss_scale=self._loss_scale,
+                weight=self._weight,
             )
             if self.mode == "feature" and not self._feature_checked and features is not None:
                 check_feature_graph(self._model, self._binding, features)
@@ -520,6 +521,7 @@ class ModulationContext:
                 _dist.loss_scale(self.grad_scaler),
                 self._weight,
             )
+            self._wiring.land(plan, self._boundary, self.process_group)
             if plan.commit is not None:
                 plan.commit()
             self._window_open = not self._boundary

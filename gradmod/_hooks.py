@@ -118,6 +118,14 @@ def _mul_0d(k: Tensor, grad: Tensor) -> Tensor:
     return (grad * k).to(grad.dtype)
 
 
+def _stash(slots: list[Tensor | None], i: int, grad: Tensor) -> Tensor:
+    """Keep ``grad`` in ``slots[i]`` (summed with what an earlier backward of the block left
+    there) and let zeros through: the gradient reaches ``.grad`` later, combined."""
+    prev = slots[i]
+    slots[i] = grad if prev is None else prev + grad
+    return torch.zeros_like(grad)
+
+
 class GradNorms:
     """The norms of the gradients that passed one set of observing hooks in one backward.
 
@@ -231,9 +239,13 @@ class HookSet:
             self._handles.append(_register_hook(inj.tensor, adder))
 
     def scale(
-        self, tensors: Mapping[int, Sequence[Tensor]], transform: GradTransform | None
+        self,
+        tensors: Mapping[int, Sequence[Tensor]],
+        transform: GradTransform | None,
+        stash: Sequence[list[Tensor | None]] | None = None,
     ) -> None:
-        """Multiply the gradient of every tensor of modality ``m`` by ``k_m`` (or transform it).
+        """Multiply the gradient of every tensor of modality ``m`` by ``k_m`` (or transform it;
+        or, with ``stash``, keep it in ``stash[m][i]`` and let zeros through).
 
         Leaf tensors (parameters) get their hook under one fixed key of their hook dict
         (:data:`KEY`): two dict operations per tensor and step instead of a handle object.
@@ -243,7 +255,9 @@ class HookSet:
             k = self._views[m]
             for i, t in enumerate(ts):
                 fn: Callable[[Tensor], Tensor]
-                if transform is not None:
+                if stash is not None:
+                    fn = functools.partial(_stash, stash[m], i)
+                elif transform is not None:
                     fn = functools.partial(transform, k, m, i)
                 elif t.dim() == 0 and t.dtype != k.dtype:
                     fn = functools.partial(_mul_0d, k)  # 0-d times 0-d would promote

@@ -23,6 +23,7 @@ __all__ = [
     "class_index_problem",
     "coefficient_dtype",
     "finite_step",
+    "GradCombine",
     "GradHook",
     "GradTransform",
     "Injection",
@@ -50,6 +51,11 @@ LossScale = Callable[[], "Tensor | None"]
 #: ``transform(k, modality, index, grad) -> new grad`` for encoder tensor ``index`` of
 #: ``modality`` (``k`` the 0-d coefficient, in a dtype that keeps ``grad``'s).
 GradTransform = Callable[[Tensor, int, int, Tensor], Tensor]
+#: ``combine(modality, grads) -> gradients to add``: ``grads`` holds the gradient that modality
+#: ``m``'s selected encoder tensors (:attr:`Targets.encoders`, in that order) received over the
+#: accumulation window, averaged over ranks, in the units of ``.grad`` (times the loss scale of
+#: a ``GradScaler``); returns one tensor per entry, same shapes, added to their ``.grad``.
+GradCombine = Callable[[int, list[Tensor]], list[Tensor]]
 #: Where a method's coefficients act: ``"gradient"`` (inside backward) or ``"update"`` (the
 #: optimizer's step).
 Act = Literal["gradient", "update"]
@@ -76,6 +82,10 @@ class Needs:
             ``"changes"`` its gradient (a direction loss, a column scaling).
         transforms_gradients: the method replaces ``k * grad`` per encoder tensor (a
             :data:`GradTransform`): it needs parameter hooks (``mode="parameter"``).
+        combines_gradients: the method replaces the encoders' gradients by a combination of
+            the whole window's gradient with gradients of its own (:attr:`StepPlan.combine`):
+            it needs parameter hooks and live features, and has no update-level form (the
+            engine refuses ``mode="feature"`` and ``act="update"`` at construction).
         forward: the method acts in the forward (:meth:`Method.prepare`): in training, every
             block must follow a ``ctx.prepare(features=..., targets=...)`` of its features.
 
@@ -92,6 +102,7 @@ class Needs:
     per_modality_state: tuple[str, ...] = ()
     fusion: Literal["unused", "reads", "changes"] = "unused"
     transforms_gradients: bool = False
+    combines_gradients: bool = False
     forward: bool = False
 
 
@@ -142,12 +153,15 @@ class Step:
         boundary: ``True`` when this backward completes the gradients of the next optimizer
             step (``False`` for the earlier micro-batches of a gradient-accumulation window).
         loss_scale: returns the ``GradScaler``'s current scale (see :data:`LossScale`); call
-            it inside backward, not in :meth:`Method.plan`.
+            it inside backward (or in a :data:`GradCombine`), not in :meth:`Method.plan`.
         carry: what :meth:`Method.prepare` returned for these features (:class:`Prepared`),
             handed to :meth:`Method.plan`; ``None`` for methods that do not act in the forward,
             and in :meth:`Method.prepare` itself.
         rank, world: this process's rank and the number of ranks of the reduction (0 and 1
             outside ``torch.distributed``).
+        weight: the block's ``weight=`` (1 when not given). The engine applies it to
+            ``inject`` and ``accumulate``; a method that keeps gradients of its own across the
+            blocks of a window (for :attr:`StepPlan.combine`) multiplies them by it.
     """
 
     features: Mapping[str, Tensor]
@@ -158,6 +172,7 @@ class Step:
     carry: Any = None
     rank: int = 0
     world: int = 1
+    weight: float = 1.0
 
 
 class Prepared(NamedTuple):
@@ -215,6 +230,16 @@ class StepPlan:
         transform: replaces ``k * grad`` on every encoder tensor (parameter mode only), e.g.
             OGM-GE's generalisation-enhancement noise; declare ``transforms_gradients``.
         hooks: gradient hooks on other tensors for this block (see :class:`GradHook`).
+        combine: replaces the encoders' gradients by a combination (parameter mode only;
+            declare ``combines_gradients``, and then always set it). The hook on every
+            selected encoder tensor stashes the gradient it receives (summed over repeated
+            backwards in the block) and returns zeros; on a clean exit the block's stash joins
+            the window's (a block that raises drops its own); on a clean exit with
+            ``boundary=True`` the engine averages the window's stash over ranks, calls
+            ``combine(m, g_m)`` for each modality (see :data:`GradCombine`) and adds the
+            results to ``.grad``, before ``commit``. The coefficients are not applied to the
+            stashed gradients (a combining method returns ones). Scores that the combination
+            computes may be written into the tensors of ``scores`` inside ``combine``.
         scores: what the coefficients were decided from, by name (each ``[M]``, in modality
             order), for monitoring and logging; e.g. MLB's mean true-class probability per
             head. Read-only views for the user: the engine copies them.
@@ -231,6 +256,7 @@ class StepPlan:
     hooks: list[GradHook] = field(default_factory=list)
     commit: Callable[[], None] | None = None
     scores: Mapping[str, Tensor] = field(default_factory=dict)
+    combine: GradCombine | None = None
 
 
 class Method(nn.Module, metaclass=ABCMeta):

@@ -7,8 +7,9 @@ refusal checked to be a ``ConfigurationError``):
 
 * finite coefficients, one per modality, finite scores and state;
 * the plan is applied exactly: a float64 reference built from the protocol's documented
-  semantics (``StepPlan``: encoder gradients times ``k_m`` — or the method's transform —,
-  injections added before scaling, accumulated gradients added after, extra hooks applied),
+  semantics (``StepPlan``: encoder gradients times ``k_m`` — or the method's transform, or
+  replaced by the method's combine of them —, injections added before scaling, accumulated
+  gradients added after, extra hooks applied),
   on a deep copy of the method's state, by plain autograd;
 * ``state_dict`` round trip and exact resume;
 * gradient accumulation: hooks act before accumulation (two accumulated blocks equal the sum
@@ -226,10 +227,10 @@ def test_the_plan_is_applied_exactly(name: str, use: str) -> None:
         binding.act,
     )
     feats = model.features(xs)
-    step = gradmod.Step(feats, y, lambda t: t, True, lambda: None)
+    step = gradmod.Step(feats, y, lambda t: t, True, lambda: None, weight=0.5)
     if run.needs.level == "responses":
         feats = gradmod.functional.shapley_responses(model.fuse, feats)
-        step = gradmod.Step(feats, y, lambda t: t, True, lambda: None)
+        step = gradmod.Step(feats, y, lambda t: t, True, lambda: None, weight=0.5)
         loss = F.cross_entropy(sum(feats.values()), y)  # type: ignore[arg-type]
     elif run.needs.forward:  # the forward the method prepares, its carry to the plan
         prepared = method.prepare(ref_binding, step)
@@ -270,8 +271,15 @@ def test_the_plan_is_applied_exactly(name: str, use: str) -> None:
         grads = torch.autograd.grad(surrogate, leaves, allow_unused=True)
     want = [g.clone() if g is not None else None for g in grads]
     index = {id(p): i for i, p in enumerate(leaves)}
-    # 2. parameter mode: each selected encoder tensor times k_m (or the method's transform)
-    if run.needs.level == "encoders" and run.ctx.mode == "parameter":
+    # 2. parameter mode: each selected encoder tensor times k_m (or the method's transform),
+    #    or, with a combine, modality m's gradients replaced by combine(m, their gradients)
+    if plan.combine is not None:
+        for m, n in enumerate(binding.names):
+            js = [index[id(mapping[id(t)])] for t in run.ctx._targets.encoders.get(n, ())]
+            g_m = [want[j] if want[j] is not None else torch.zeros_like(leaves[j]) for j in js]
+            for j, c in zip(js, plan.combine(m, g_m), strict=True):
+                want[j] = c
+    elif run.needs.level == "encoders" and run.ctx.mode == "parameter":
         for m, n in enumerate(binding.names):
             for i, t in enumerate(run.ctx._targets.encoders.get(n, ())):
                 j = index[id(mapping[id(t)])]

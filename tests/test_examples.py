@@ -100,3 +100,18 @@ def test_inforeg_example_holds_the_clean_modality_back_while_the_window_is_open(
     for is_open, b in zip(open_, betas, strict=True):
         assert b["video"] == 0.0  # video never leads
         assert (0.95 <= b["audio"] <= 0.95 * 2.72) if is_open else b["audio"] == 0.0
+
+
+def test_mmpareto_example_resolves_the_noisy_modality_s_conflicts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """examples/mmpareto.py: the noisy video encoder's fused and unimodal gradients conflict
+    early in training, the clean audio encoder's never; the fused model learns the task."""
+    runpy.run_path(str(EXAMPLES / "mmpareto.py"), run_name="__main__")
+    found = re.findall(r"conflict = (\{.*\}), accuracy = ([0-9.]+)", capsys.readouterr().out)
+    assert len(found) == 4
+    shares = [ast.literal_eval(s) for s, _ in found]
+    accuracy = [float(a) for _, a in found]
+    assert all(s["audio"] == 0.0 and 0.0 <= s["video"] <= 1.0 for s in shares)
+    assert shares[0]["video"] > 0.0
+    assert accuracy[-1] > 0.95

@@ -318,6 +318,27 @@ for _gate in ("boost", "both"):
         f"mlb:gate={_gate}", grid=True, heads="linear", alpha=0.8, scale="encoder", gate=_gate
     )(gradmod_multiloss)
 
+
+# ------------------------------------------------------------------------ gradmod.MMPareto
+def mmpareto(parts: Parts, config: Config, opt: Optimizer) -> gradmod.ModulationContext:
+    """MMPareto: the live linear heads' unimodal gradients integrated with the fused loss's on
+    each encoder (gradient level only: the rule has no per-modality update)."""
+    return gradmod.ModulationContext(
+        parts.model,
+        dict(parts.heads),
+        encoders=parts.encoder_paths(),
+        method=gradmod.MMPareto(rescale=config["rescale"], policy=config["policy"]),
+    )
+
+
+# gradmod's default (one magnitude per encoder, safe at cancelling tensors), then the official
+# arithmetic (per-tensor magnitude) as a grid point
+register("mmpareto", heads="linear", rescale="encoder", policy="safe")(mmpareto)
+register("mmpareto:official", grid=True, heads="linear", rescale="tensor", policy="official")(
+    mmpareto
+)
+
+
 # ------------------------------------------------------------------------- the update level
 # Each coefficient method's update form (AGM has none: its coefficients scale responses that
 # reach the fused head too; MLB's official scaling of a fused-head column block neither). The

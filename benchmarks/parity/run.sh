@@ -7,6 +7,7 @@
 #
 # Environment:
 #   CGGM_SRC, OGM_SRC, AGM_SRC, MLB_SRC  extracted official sources (required; see README.md)
+#   MMPARETO_SRC  extracted GeWu-Lab/MMPareto_ICML2024 (optional: its stage is skipped without it)
 #   BML_SRC   extracted GeWu-Lab/BML_TPAMI2024 (optional: the OPM / revised OGM formula check)
 #   INFOREG_SRC  extracted GeWu-Lab/InfoReg_CVPR2025 (optional: its formula check is skipped
 #             without it)
@@ -101,6 +102,19 @@ fi
 echo "== formula_check (official coefficient lines exec'd on the same inputs)"
 "$PY" "$HERE/formula_check.py" > "$OUT/formula_check.txt" 2>&1 || fail "formula_check" "$OUT/formula_check.txt"
 grep -v -E '^(Traceback|  )' "$OUT/formula_check.txt" | grep -E 'vs |CGGM all' || true
+
+echo "== mmpareto_formula (official MMPareto lines exec'd on the same gradients)"
+if [ -n "${MMPARETO_SRC:-}" ]; then
+  if [ -d "$MMPARETO_SRC/code" ]; then
+    MMPARETO_SRC="$MMPARETO_SRC" "$PY" "$HERE/mmpareto_formula.py" > "$OUT/mmpareto_formula.txt" 2>&1 \
+      || fail "mmpareto_formula" "$OUT/mmpareto_formula.txt"
+    grep -E '^(formula|step|  )' "$OUT/mmpareto_formula.txt" | grep -v -E '^  File' || true
+  else
+    fail "mmpareto_formula (MMPARETO_SRC=$MMPARETO_SRC has no code/)" /dev/null
+  fi
+else
+  echo "skipped: set MMPARETO_SRC to an extracted copy of GeWu-Lab/MMPareto_ICML2024"
+fi
 
 if [ -n "${BML_SRC:-}" ]; then
   echo "== opm_formula (OPM / revised OGM of BML_TPAMI2024, official lines exec'd on the same inputs)"

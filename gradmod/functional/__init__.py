@@ -14,6 +14,9 @@ on its own, inside a compiled region, or as the reference that the hook engine i
   :func:`one_vs_others_ratio`, :func:`mean_of_others`.
 * Directions: :func:`flat_cosine` (lists of tensors, no concatenation) and CGGM's
   :func:`cosine_direction_loss`.
+* Gradient integration: :func:`mmpareto_combine` (MMPareto: one encoder's multimodal and
+  unimodal gradients into one, per-tensor, no concatenation) and its weights
+  :func:`mmpareto_weights`.
 * :func:`shapley_responses`: AGM's mono-modal responses of a fused model.
 * InfoReg: :func:`fisher_trace` (per-step information amount of each encoder),
   :func:`acquisition_rate` (the prime-learning-window rate), :func:`inforeg_beta` (regulation
@@ -34,6 +37,7 @@ from ._inforeg import (
 )
 from ._metrics import accuracy, correct, sign_accuracy, sign_correct
 from ._mlb import Gate, mlb_coefficients
+from ._mmpareto import ParetoCombination, ParetoRescale, mmpareto_combine, mmpareto_weights
 from ._ogm import OGMForm, ogm_ge_coefficients
 from ._opm import (
     OGMVariant,
@@ -52,6 +56,8 @@ __all__ = [
     "OGMForm",
     "OGMVariant",
     "OPMDrop",
+    "ParetoCombination",
+    "ParetoRescale",
     "Policy",
     "Rescale",
     "TensorOrList",
@@ -68,6 +74,8 @@ __all__ = [
     "inforeg_beta",
     "mean_of_others",
     "mlb_coefficients",
+    "mmpareto_combine",
+    "mmpareto_weights",
     "ogm_ge_coefficients",
     "ogm_tpami_coefficients",
     "one_vs_others_ratio",

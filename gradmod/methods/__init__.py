@@ -2,6 +2,7 @@
 
 from .._protocol import (
     Binding,
+    GradCombine,
     GradHook,
     GradTransform,
     Injection,
@@ -21,6 +22,7 @@ from ._agm import AGM
 from ._cggm import CGGM
 from ._fixed import Fixed
 from ._inforeg import InfoReg
+from ._mmpareto import MMPareto
 from ._multiloss import MLB, MultiLoss
 from ._ogm import OGMGE
 from ._opm import OPM
@@ -32,6 +34,7 @@ __all__ = [
     "Fixed",
     "InfoReg",
     "MLB",
+    "MMPareto",
     "OGMGE",
     "OPM",
     "REGISTRY",
@@ -40,6 +43,7 @@ __all__ = [
     "register_preset",
     "MultiLoss",
     "Binding",
+    "GradCombine",
     "GradHook",
     "GradTransform",
     "Injection",

@@ -23,7 +23,10 @@ by a per-step coefficient chosen by a published method, inside your own training
   every problem at once, pre-accumulation hooks that exist only inside the ``with`` block,
   method state that advances only when the block exits cleanly.
 * Methods, switched with ``method=``: :class:`MLB`, :class:`MultiLoss`, :class:`CGGM`
-  (``official=True`` for parity with the authors' code), :class:`OGMGE`, :class:`AGM`, and
+  (``official=True`` for parity with the authors' code), :class:`OGMGE`, :class:`OPM`
+  (drops the dominant modality's features in the forward: ``ctx.prepare``), :class:`AGM`,
+  :class:`InfoReg` (a proximal pull on the prime modality during the prime learning window),
+  :class:`MMPareto` (gradient integration without conflict), and
   :class:`Fixed` (your own constants or schedule: with ``act="update"``, modality-specific
   learning rates).
 * :mod:`gradmod.functional` — the pure math (coefficient rules, improvement-rate scaling,
@@ -45,13 +48,17 @@ from .methods import (
     CGGM,
     MLB,
     OGMGE,
+    OPM,
     Binding,
     Fixed,
     GradHook,
+    InfoReg,
     Injection,
     Method,
+    MMPareto,
     MultiLoss,
     Needs,
+    Prepared,
     Step,
     StepPlan,
     Targets,
@@ -65,8 +72,11 @@ __all__ = [
     "Act",
     "CGGM",
     "Fixed",
+    "InfoReg",
     "MLB",
+    "MMPareto",
     "OGMGE",
+    "OPM",
     "MultiLoss",
     "Binding",
     "ConfigurationError",
@@ -78,6 +88,7 @@ __all__ = [
     "Mode",
     "ModulationContext",
     "Needs",
+    "Prepared",
     "Monitor",
     "Step",
     "StepError",

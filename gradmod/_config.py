@@ -97,6 +97,17 @@ def configure(
             "well as the encoders: it has no per-modality update; use act='gradient'"
         )
 
+    if needs.combines_gradients:
+        if resolved_mode == "feature":
+            problems.append(
+                f"{who} combines each encoder tensor's gradient with gradients of its own: it "
+                "needs parameter hooks; use mode='parameter' (the default)"
+            )
+        if act == "update":
+            problems.append(
+                f"{who} replaces the encoders' gradients by a combination, not by a factor per "
+                "modality: it has no update-level form; use act='gradient' (without optimizer=)"
+            )
     if act == "gradient" and optimizer is not None:
         problems.append(
             "optimizer= puts the coefficients on its updates, but act='gradient' was asked "

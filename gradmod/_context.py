@@ -17,9 +17,10 @@ from torch import Tensor, nn
 from . import _dist
 from ._config import Mode, check_state, configure
 from ._errors import ConfigurationError, ContextError, StepError
+from ._forward import ForwardLink
 from ._groups import EncoderSpec, FusionSpec
 from ._hooks import CONFLICT, HookSet
-from ._protocol import Act, Method, StepPlan, coefficient_dtype
+from ._protocol import Act, Method, Step, StepPlan, coefficient_dtype
 from ._steps import check_half, check_step, check_weight
 from ._update import UpdateLevel
 from ._validate import (
@@ -218,6 +219,7 @@ class ModulationContext:
         self._scores: Mapping[str, Tensor] = {}
         self._weight = 1.0
         self._feature_checked = False
+        self._forward = ForwardLink(self.method, cfg.needs.forward)
         self._one_shot: _Inputs | None = (
             (features, targets, True, None) if features is not None or targets is not None else None
         )
@@ -228,6 +230,7 @@ class ModulationContext:
         state = self.__dict__.copy()
         del state["_lock"]
         state["_plan"] = None
+        state["_forward"] = ForwardLink(self.method, self._needs.forward)  # no pending forward
         if state["_update"] is not None:  # a copy is not attached to the optimizer
             state["_update"] = None
             state["_closed"] = True
@@ -315,6 +318,47 @@ class ModulationContext:
         self.method.load_state_dict(method)
         if self._update is not None:
             self._update.load_state_dict(update)
+
+    def prepare(self, features: Mapping[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
+        """The features the fusion head should consume, for a method that acts in the forward.
+
+        Call it after the encoders and before the fusion head, and enter the next block with
+        the same ``features`` (the encoder outputs, not what this returns)::
+
+            feats = {"audio": model.audio(xa), "video": model.video(xv)}
+            fused = model.head(torch.cat([*ctx.prepare(feats, y).values()], 1))
+            with ctx(features=feats, targets=y):
+                F.cross_entropy(fused, y).backward()
+
+        OPM drops the dominant modality's features here. For every other method, in
+        evaluation (the model not in training mode) and with grad disabled, it returns the
+        features unchanged (a new dict), so a loop may always call it. In training, a block of
+        a forward-acting method without it is refused (:class:`~gradmod.StepError`).
+
+        Raises:
+            StepError: the features or targets are unusable (as when entering a block).
+            ContextError: called inside a block, or on a closed context.
+        """
+        if not self._forward.active or not ForwardLink.training(self._model):
+            return dict(features)
+        if self._closed or self._lock.locked():
+            raise ContextError(
+                "ctx.prepare belongs to the forward, before the block: call it outside "
+                "`with ctx(...)`, on an open context"
+            )
+        step = check_step(
+            self.method,
+            self._binding,
+            self._watch,
+            features,
+            targets,
+            live=self._wiring.live_features(),
+            boundary=True,
+            reduce=self._reduce,
+            loss_scale=self._loss_scale,
+        )
+        step = self._ranks(step)
+        return self._forward.prepare(self._binding, step, self._model)
 
     def __call__(
         self,
@@ -413,12 +457,15 @@ class ModulationContext:
                 reduce=self._reduce,
                 loss_scale=self._loss_scale,
                 needs=self._needs,
+                weight=self._weight,
             )
             if self.mode == "feature" and not self._feature_checked and features is not None:
                 check_feature_graph(self._model, self._binding, features)
                 self._feature_checked = True
             if HookSet.held_elsewhere(self._members):
                 raise ContextError(CONFLICT)
+            step = self._ranks(step)
+            step, consume_forward = self._forward.take(step, self._model)
             plan = self.method.plan(self._binding, step)
             self._set_coefficients(plan)
             self._scores = plan.scores
@@ -432,6 +479,7 @@ class ModulationContext:
             check_half(plan, feats, self.grad_scaler)
             self._wiring.register(feats, plan, self._loss_scale, self._weight, self.monitor)
             self._plan = plan
+            consume_forward()
         except BaseException:
             self._plan = None
             self._wiring.hooks.release()
@@ -474,6 +522,7 @@ class ModulationContext:
                 _dist.loss_scale(self.grad_scaler),
                 self._weight,
             )
+            self._wiring.land(plan, self._boundary, self.process_group)
             if plan.commit is not None:
                 plan.commit()
             self._window_open = not self._boundary
@@ -512,6 +561,11 @@ class ModulationContext:
         self._coeffs.copy_(c.detach())
         # Defensive: a non-finite coefficient never reaches a gradient (1 = untouched).
         self._coeffs.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
+
+    def _ranks(self, step: Step) -> Step:
+        """``step`` with this process's rank and the number of ranks of the reduction."""
+        group = self.process_group
+        return dataclasses.replace(step, rank=_dist.rank(group), world=_dist.world_size(group))
 
     def _reduce(self, t: Tensor) -> Tensor:
         return _dist.reduce_sum(t, self.process_group)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ._errors import StepError
 
-__all__ = ["accumulate", "loss_scale", "reduce_sum", "world_size"]
+__all__ = ["accumulate", "loss_scale", "mean_over_ranks", "rank", "reduce_sum", "world_size"]
 
 
 def world_size(group: Any) -> int:
@@ -19,6 +19,13 @@ def world_size(group: Any) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return int(dist.get_world_size(group))
+
+
+def rank(group: Any) -> int:
+    """This process's rank in ``group`` (0 outside an initialised process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return int(dist.get_rank(group))
 
 
 def reduce_sum(t: Tensor, group: Any) -> Tensor:
@@ -44,6 +51,19 @@ def loss_scale(scaler: Any) -> Tensor | None:
     return scale  # type: ignore[no-any-return]
 
 
+def mean_over_ranks(grads: list[Tensor], group: Any) -> list[Tensor]:
+    """``grads`` averaged over the ranks of ``group`` (one all-reduce; ``grads`` itself outside
+    DDP). The tensors share one dtype."""
+    if world_size(group) == 1 or not grads:
+        return grads
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat /= world_size(group)
+    return [
+        f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)
+    ]
+
+
 def accumulate(
     pairs: Sequence[tuple[Tensor, Tensor]], group: Any, scale: Tensor | None, weight: float
 ) -> None:
@@ -52,16 +72,7 @@ def accumulate(
     if not pairs:
         return
     with torch.no_grad():
-        grads = [g for _, g in pairs]
-        world = world_size(group)
-        if world > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-            flat /= world
-            grads = [
-                f.view_as(g)
-                for f, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)
-            ]
+        grads = mean_over_ranks([g for _, g in pairs], group)
         for (p, _), g in zip(pairs, grads, strict=True):
             g = g * scale.to(g.dtype) if scale is not None else g
             g = g * weight if weight != 1.0 else g

@@ -121,6 +121,14 @@ def _mul_0d(k: Tensor, grad: Tensor) -> Tensor:
     return (grad * k).to(grad.dtype)
 
 
+def _stash(slots: list[Tensor | None], i: int, grad: Tensor) -> Tensor:
+    """Keep ``grad`` in ``slots[i]`` (summed with what an earlier backward of the block left
+    there) and let zeros through: the gradient reaches ``.grad`` later, combined."""
+    prev = slots[i]
+    slots[i] = grad if prev is None else prev + grad
+    return torch.zeros_like(grad)
+
+
 class GradNorms:
     """The norms of the gradients that passed one set of observing hooks in one backward.
 
@@ -276,23 +284,26 @@ class HookSet:
         self,
         tensors: Mapping[int, Sequence[Tensor]],
         transform: GradTransform | None,
+        stash: Sequence[list[Tensor | None]] | None = None,
         *,
         reuse: bool = False,
     ) -> None:
-        """Multiply the gradient of every tensor of modality ``m`` by ``k_m`` (or transform it).
+        """Multiply the gradient of every tensor of modality ``m`` by ``k_m`` (or transform it;
+        or, with ``stash``, keep it in ``stash[m][i]`` and let zeros through).
 
         Leaf tensors (parameters) get their hook under one fixed key of their hook dict
         (:data:`KEY`): two dict operations per tensor and step instead of a handle object.
         ``reuse``: ``tensors`` is the same mapping at every step (the encoder parameters): the
-        hooks of a plain scaling (no transform) depend only on the tensors, so the hooks built
-        the first time are kept and put back as they are.
+        hooks of a plain scaling (no transform, no stash) depend only on the tensors, so the
+        hooks built the first time are kept and put back as they are.
         """
         self._scaled[:] = [False] * len(self._views)
-        if transform is None and self._low is not None:
+        plain = transform is None and stash is None
+        if plain and self._low is not None:
             self._low.copy_(self._coeffs)
         prepared = self._prepared
         if (
-            transform is None
+            plain
             and prepared is not None
             and prepared[0] is tensors
             and list(map(_DTYPE, prepared[1])) == prepared[3]
@@ -305,7 +316,9 @@ class HookSet:
             k = self._views[m]
             for i, t in enumerate(ts):
                 fn: Callable[[Tensor], Tensor]
-                if transform is not None:
+                if stash is not None:
+                    fn = functools.partial(_stash, stash[m], i)
+                elif transform is not None:
                     fn = functools.partial(transform, k, m, i)
                 elif t.dim() == 0:  # 0-d times 0-d would promote (whatever dtype it has later)
                     fn = functools.partial(_mul_0d, k)
@@ -317,7 +330,7 @@ class HookSet:
                     fn = functools.partial(_witness, self._scaled, m, fn)
                 flat.append(t)
                 fns.append(fn)
-        if transform is None and reuse:
+        if plain and reuse:
             self._prepared = (tensors, flat, fns, list(map(_DTYPE, flat)))
         self._put_many(flat, fns)
 

@@ -23,6 +23,7 @@ __all__ = [
     "class_index_problem",
     "coefficient_dtype",
     "finite_step",
+    "GradCombine",
     "GradHook",
     "GradTransform",
     "Injection",
@@ -31,6 +32,7 @@ __all__ = [
     "LossScale",
     "Method",
     "Needs",
+    "Prepared",
     "Reduce",
     "Step",
     "StepPlan",
@@ -49,6 +51,11 @@ LossScale = Callable[[], "Tensor | None"]
 #: ``transform(k, modality, index, grad) -> new grad`` for encoder tensor ``index`` of
 #: ``modality`` (``k`` the 0-d coefficient, in a dtype that keeps ``grad``'s).
 GradTransform = Callable[[Tensor, int, int, Tensor], Tensor]
+#: ``combine(modality, grads) -> gradients to add``: ``grads`` holds the gradient that modality
+#: ``m``'s selected encoder tensors (:attr:`Targets.encoders`, in that order) received over the
+#: accumulation window, averaged over ranks, in the units of ``.grad`` (times the loss scale of
+#: a ``GradScaler``); returns one tensor per entry, same shapes, added to their ``.grad``.
+GradCombine = Callable[[int, list[Tensor]], list[Tensor]]
 #: Where a method's coefficients act: ``"gradient"`` (inside backward) or ``"update"`` (the
 #: optimizer's step).
 Act = Literal["gradient", "update"]
@@ -75,6 +82,12 @@ class Needs:
             ``"changes"`` its gradient (a direction loss, a column scaling).
         transforms_gradients: the method replaces ``k * grad`` per encoder tensor (a
             :data:`GradTransform`): it needs parameter hooks (``mode="parameter"``).
+        combines_gradients: the method replaces the encoders' gradients by a combination of
+            the whole window's gradient with gradients of its own (:attr:`StepPlan.combine`):
+            it needs parameter hooks and live features, and has no update-level form (the
+            engine refuses ``mode="feature"`` and ``act="update"`` at construction).
+        forward: the method acts in the forward (:meth:`Method.prepare`): in training, every
+            block must follow a ``ctx.prepare(features=..., targets=...)`` of its features.
 
     A method that cannot act as configured (e.g. on the update level: ``binding.act``) says so
     in :meth:`Method.check`.
@@ -89,6 +102,8 @@ class Needs:
     per_modality_state: tuple[str, ...] = ()
     fusion: Literal["unused", "reads", "changes"] = "unused"
     transforms_gradients: bool = False
+    combines_gradients: bool = False
+    forward: bool = False
 
 
 class GradHook(NamedTuple):
@@ -138,7 +153,15 @@ class Step:
         boundary: ``True`` when this backward completes the gradients of the next optimizer
             step (``False`` for the earlier micro-batches of a gradient-accumulation window).
         loss_scale: returns the ``GradScaler``'s current scale (see :data:`LossScale`); call
-            it inside backward, not in :meth:`Method.plan`.
+            it inside backward (or in a :data:`GradCombine`), not in :meth:`Method.plan`.
+        carry: what :meth:`Method.prepare` returned for these features (:class:`Prepared`),
+            handed to :meth:`Method.plan`; ``None`` for methods that do not act in the forward,
+            and in :meth:`Method.prepare` itself.
+        rank, world: this process's rank and the number of ranks of the reduction (0 and 1
+            outside ``torch.distributed``).
+        weight: the block's ``weight=`` (1 when not given). The engine applies it to
+            ``inject`` and ``accumulate``; a method that keeps gradients of its own across the
+            blocks of a window (for :attr:`StepPlan.combine`) multiplies them by it.
     """
 
     features: Mapping[str, Tensor]
@@ -146,6 +169,24 @@ class Step:
     reduce: Reduce
     boundary: bool = True
     loss_scale: LossScale = field(default=lambda: None)
+    carry: Any = None
+    rank: int = 0
+    world: int = 1
+    weight: float = 1.0
+
+
+class Prepared(NamedTuple):
+    """What :meth:`Method.prepare` made of one forward's features.
+
+    Attributes:
+        features: modality -> the tensor the fusion head consumes instead of the encoder
+            output (e.g. OPM's dropped and rescaled features), in the autograd graph of it.
+        carry: anything the next block's :meth:`Method.plan` needs (``Step.carry``): what was
+            drawn, the scores it was decided from.
+    """
+
+    features: Mapping[str, Tensor]
+    carry: Any = None
 
 
 class Injection(NamedTuple):
@@ -189,6 +230,16 @@ class StepPlan:
         transform: replaces ``k * grad`` on every encoder tensor (parameter mode only), e.g.
             OGM-GE's generalisation-enhancement noise; declare ``transforms_gradients``.
         hooks: gradient hooks on other tensors for this block (see :class:`GradHook`).
+        combine: replaces the encoders' gradients by a combination (parameter mode only;
+            declare ``combines_gradients``, and then always set it). The hook on every
+            selected encoder tensor stashes the gradient it receives (summed over repeated
+            backwards in the block) and returns zeros; on a clean exit the block's stash joins
+            the window's (a block that raises drops its own); on a clean exit with
+            ``boundary=True`` the engine averages the window's stash over ranks, calls
+            ``combine(m, g_m)`` for each modality (see :data:`GradCombine`) and adds the
+            results to ``.grad``, before ``commit``. The coefficients are not applied to the
+            stashed gradients (a combining method returns ones). Scores that the combination
+            computes may be written into the tensors of ``scores`` inside ``combine``.
         scores: what the coefficients were decided from, by name (each ``[M]``, in modality
             order), for monitoring and logging; e.g. MLB's mean true-class probability per
             head. Read-only views for the user: the engine copies them.
@@ -205,6 +256,7 @@ class StepPlan:
     hooks: list[GradHook] = field(default_factory=list)
     commit: Callable[[], None] | None = None
     scores: Mapping[str, Tensor] = field(default_factory=dict)
+    combine: GradCombine | None = None
 
 
 class Method(nn.Module, metaclass=ABCMeta):
@@ -215,7 +267,8 @@ class Method(nn.Module, metaclass=ABCMeta):
     empty and are sized on first use; ``load_state_dict`` resizes them to the checkpoint.
 
     Subclasses declare :meth:`needs` and implement :meth:`plan`; they may refine :meth:`check`,
-    :meth:`check_step`, :meth:`targets`, :meth:`set_epoch` and :meth:`reset`.
+    :meth:`check_step`, :meth:`targets`, :meth:`set_epoch` and :meth:`reset`. A method that
+    acts in the forward declares ``Needs(forward=True)`` and implements :meth:`prepare`.
     """
 
     def needs(self) -> Needs:
@@ -242,6 +295,43 @@ class Method(nn.Module, metaclass=ABCMeta):
         block; a step whose scores are not finite must leave the state unchanged and return
         neutral coefficients (ones).
         """
+
+    def size_state(self, binding: Binding, fills: Mapping[str, float]) -> None:
+        """Size the per-modality buffers named in ``fills`` to ``[M]`` (filled with the given
+        value, in the coefficients' dtype) where they are still empty, and move every buffer
+        to the binding's device — the one rule for lazily sized state.
+
+        Raises:
+            ValueError: a buffer holds state for another number of modalities (call
+                :meth:`reset`, or use a new instance).
+        """
+        m, device = len(binding.names), binding.device
+        for name, fill in fills.items():
+            buf = getattr(self, name)
+            if buf.shape == (m,):
+                continue
+            if buf.numel():
+                raise ValueError(
+                    f"this {type(self).__name__} instance holds state for {buf.shape[0]} "
+                    f"modalities but is used with {m}; call reset() or use a new instance"
+                )
+            setattr(
+                self, name, torch.full((m,), fill, device=device, dtype=coefficient_dtype(device))
+            )
+        for name, buf in list(self.named_buffers(recurse=False)):
+            if buf.device != device:
+                setattr(self, name, buf.to(device))
+
+    def prepare(self, binding: Binding, step: Step) -> Prepared:
+        """Change one training forward's features before fusion (``Needs(forward=True)``).
+
+        Called by ``ctx.prepare`` in training with grad enabled, on the encoder outputs
+        (``step.boundary`` is not known yet and ``step.carry`` is ``None``); the result's
+        ``carry`` reaches the :meth:`plan` of the block that backpropagates these features. Like
+        :meth:`plan`, it must not change the method's state (a block that raises is redone with
+        the same draws); its randomness is a function of the state and ``step.rank``.
+        """
+        return Prepared(dict(step.features), None)
 
     def set_epoch(self, epoch: int) -> None:
         """Tell the method the current epoch (methods with an epoch window use it)."""

@@ -26,6 +26,7 @@ def check_step(
     reduce: Reduce,
     loss_scale: LossScale,
     needs: Needs | None = None,
+    weight: float = 1.0,
 ) -> Step:
     """This step's inputs as a :class:`Step`, or a ``StepError`` listing every problem (the
     encoders' identity, the targets, the features, the method's own step checks). ``needs``:
@@ -39,7 +40,7 @@ def check_step(
     step = None
     if not problems:
         assert targets is not None
-        step = Step(features or {}, targets, reduce, boundary, loss_scale)
+        step = Step(features or {}, targets, reduce, boundary, loss_scale, weight=weight)
         problems.extend(method.check_step(binding, step))
     if problems:
         raise StepError("; ".join(problems))
@@ -52,7 +53,7 @@ def check_weight(
 ) -> None:
     """Refuse a block of an accumulation window without ``weight=`` when the method adds
     gradients of its own: whether the user's loss is divided by ``n`` is not knowable."""
-    if explicit or not (plan.inject or plan.accumulate):
+    if explicit or not (plan.inject or plan.accumulate or plan.combine):
         return
     if boundary and not window_open:
         return
@@ -69,7 +70,7 @@ def check_half(plan: StepPlan, features: Mapping[str, Tensor], grad_scaler: obje
     """Refuse float16 features without a ``grad_scaler`` when the method adds gradients of its
     own: float16 training scales its loss with a ``GradScaler``, and gradients added without its
     scale would be off by it after ``unscale_`` (``grad_scaler=False``: no scaler, on purpose)."""
-    if grad_scaler is not None or not (plan.inject or plan.accumulate):
+    if grad_scaler is not None or not (plan.inject or plan.accumulate or plan.combine):
         return
     if any(f.dtype == torch.float16 for f in features.values()):
         raise StepError(

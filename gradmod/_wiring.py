@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import _dist
 from ._config import Mode
 from ._hooks import GradNorms, HookSet
 from ._protocol import Binding, LossScale, Needs, StepPlan, Targets
@@ -21,6 +23,10 @@ class Wiring:
 
     At the update level the scaling hooks read ones instead (the coefficient acts on the
     optimizer's step), while a gradient transform (OGM-GE's noise) still runs.
+
+    With a combining plan (:attr:`StepPlan.combine`) the hooks stash the encoders' gradients
+    instead: this block's stash (``_block``) joins the window's (``_window``) on a clean exit,
+    and the window is combined into ``.grad`` at its boundary (:meth:`land`).
     """
 
     def __init__(
@@ -40,13 +46,21 @@ class Wiring:
         # the block's gradient norms and how they are read, when monitored
         self._norms: tuple[GradNorms, GradNorms, GradNorms, str] | None = None
         self._encoders: dict[int, list[Tensor]] | None = None
+        self._block: list[list[Tensor | None]] | None = None  # this block's stash (combine)
+        self._window: list[list[Tensor | None]] | None = None  # the earlier clean blocks'
+        self._landed: Tensor | None = None  # norms of what the latest boundary added
 
     def live_features(self) -> bool:
         """Whether this block hooks the features (they must be in the autograd graph)."""
         n = self.needs
         if self.update:
             return n.injects_into_features
-        return self.mode == "feature" or n.level == "responses" or n.injects_into_features
+        return (
+            self.mode == "feature"
+            or n.level == "responses"
+            or n.injects_into_features
+            or n.combines_gradients
+        )
 
     def _encoder_tensors(self) -> dict[int, list[Tensor]]:
         """The tensors of each modality that get a parameter hook (built once: the same mapping
@@ -73,7 +87,9 @@ class Wiring:
         if self.update:  # the coefficients act on the step, not here
             on_params = on_params and plan.transform is not None
         observe_after = (
-            self._observe(on_params, plan.transform is not None) if monitor is not None else None
+            self._observe(on_params, plan.transform is not None, plan.combine is not None)
+            if monitor is not None
+            else None
         )
         if not on_params:
             scaled = {id(t) for t in features.values()}
@@ -83,18 +99,74 @@ class Wiring:
         hooks.inject(plan.inject, loss_scale, weight)
         if plan.transform is not None and not on_params:
             raise RuntimeError("a gradient transform needs parameter hooks (mode='parameter')")
+        if (plan.combine is not None) != self.needs.combines_gradients or (
+            plan.combine is not None and (not on_params or plan.transform is not None)
+        ):
+            raise RuntimeError(
+                "StepPlan.combine: set exactly when Needs.combines_gradients is declared, "
+                "without a transform, with parameter hooks (mode='parameter')"
+            )
         if on_params:
-            hooks.scale(self._encoder_tensors(), plan.transform, reuse=True)
+            tensors = self._encoder_tensors()
+            if plan.combine is not None:
+                self._block = [[None] * len(ts) for ts in tensors.values()]
+            hooks.scale(tensors, plan.transform, self._block, reuse=True)
         elif not self.update:  # feature mode, or responses
             hooks.scale({m: [features[n]] for m, n in enumerate(self.binding.names)}, None)
         hooks.extra(plan.hooks)
         if observe_after is not None:
             observe_after()
 
+    def land(self, plan: StepPlan, boundary: bool, group: Any) -> None:
+        """After a clean block: its stash joins the window's; at a boundary, the window's
+        gradients (averaged over ranks) are combined by the plan and added to ``.grad``."""
+        block, self._block = self._block, None
+        if block is None or plan.combine is None:
+            return
+        window = self._window
+        if window is not None:
+            block = [
+                [b if w is None else w if b is None else w + b for w, b in zip(wr, br, strict=True)]
+                for wr, br in zip(window, block, strict=True)
+            ]
+        self._window = None if boundary else block
+        if not boundary:
+            return
+        tensors = list(self._encoder_tensors().values())
+        with torch.no_grad():
+            g = [
+                [s if s is not None else torch.zeros_like(t) for s, t in zip(row, ts, strict=True)]
+                for row, ts in zip(block, tensors, strict=True)
+            ]
+            flat = [x for row in g for x in row]
+            for dtype in {x.dtype for x in flat}:  # one all-reduce per dtype
+                idx = [j for j, x in enumerate(flat) if x.dtype == dtype]
+                for j, x in zip(
+                    idx, _dist.mean_over_ranks([flat[j] for j in idx], group), strict=True
+                ):
+                    flat[j] = x
+            it = iter(flat)
+            norms: list[Tensor] | None = [] if self._norms is not None else None  # monitored
+            for m, ts in enumerate(tensors):
+                out = plan.combine(m, [next(it) for _ in ts])
+                if len(out) != len(ts) or any(
+                    o.shape != t.shape for o, t in zip(out, ts, strict=True)
+                ):
+                    raise RuntimeError("StepPlan.combine returned gradients of other shapes")
+                for t, o in zip(ts, out, strict=True):
+                    if t.grad is None:
+                        t.grad = o.detach().to(t.dtype, copy=True)
+                    else:
+                        t.grad.add_(o.to(t.grad.dtype))
+                if norms is not None:
+                    norms.append(_norm(out, ts[0].device if ts else None))
+            self._landed = torch.stack(norms) if norms is not None else None
+
     # ----------------------------------------------------------------------------- monitor
-    def _observe(self, on_params: bool, transform: bool) -> Callable[[], None]:
+    def _observe(self, on_params: bool, transform: bool, combine: bool) -> Callable[[], None]:
         """Observe the norm of every encoder parameter's gradient in this block (one
-        ``vector_norm`` per tensor; two where a gradient transform runs).
+        ``vector_norm`` per tensor; two where a gradient transform runs; with a combine, what
+        the hooks stash, the rest at the boundary: :meth:`land`).
 
         Registers the observers that run before gradmod's parameter hooks (leaf hooks run in
         insertion order) and returns the registration of those that run after them.
@@ -111,6 +183,10 @@ class Wiring:
         hooked = {id(t) for ts in self.targets.encoders.values() for t in ts}
         scaled = [x for x in tensors if id(x[2]) in hooked]
         hooks.observe([x for x in tensors if id(x[2]) not in hooked], [before, after])
+        if combine:  # the hooks let zeros through; what lands is measured when it lands
+            self._norms = (before, after, part, "combined")
+            hooks.observe(scaled, [before])
+            return lambda: None
         if not transform:  # the hook multiplies by k: |k| times the norm it receives
             self._norms = (before, after, part, "scaled")
             hooks.observe(scaled, [before, part])
@@ -129,7 +205,12 @@ class Wiring:
         before, after, part, how = norms
         k = self.coefficients
         norm_after = after.totals(k.dtype, k.device)
-        if how == "observed":  # on both sides of the scaling hooks
+        landed, self._landed = self._landed, None
+        if how == "combined":  # after: the unhooked tensors', and what the boundary added
+            norm_before = before.totals(k.dtype, k.device)
+            if landed is not None:
+                norm_after = torch.hypot(landed.to(norm_after), norm_after)
+        elif how == "observed":  # on both sides of the scaling hooks
             norm_before = before.totals(k.dtype, k.device)
         elif how == "scaled":  # the hooked tensors' gradients were multiplied by k
             norm_before = before.totals(k.dtype, k.device)
@@ -145,5 +226,21 @@ class Wiring:
         monitor._record(self.binding.names, boundary, k, plan.scores, norm_before, norm_after)
 
     def forget(self) -> None:
-        """Drop a block's observations (it raised)."""
+        """Drop a block's observations and stash (it raised)."""
         self._norms = None
+        self._block = None
+
+
+def _norm(tensors: list[Tensor], device: torch.device | None) -> Tensor:
+    """The L2 norm over ``tensors`` as the monitor takes it (per tensor in float32, float64 for
+    float64; 0-d float64; 0 for none)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    norms = [
+        torch.linalg.vector_norm(
+            t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32
+        ).double()
+        for t in tensors
+    ]
+    total: Tensor = torch.linalg.vector_norm(torch.stack(norms))
+    return total

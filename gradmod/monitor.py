@@ -115,6 +115,10 @@ class Monitor:
       - AGM (coefficients on the mono-modal responses, each of which depends on every
         modality): "after" is observed; "before" is NaN, as it cannot be told apart from one
         backward;
+      - a combining method (MMPareto, :attr:`~gradmod.StepPlan.combine`): "before" is
+        observed (this block's gradient); "after" is what the engine added to ``.grad``: 0 in
+        the earlier blocks of an accumulation window, the combination of the whole window
+        (averaged over ranks) at its boundary;
       - update level (``act="update"``): gradients are not modulated (the coefficient scales
         the next update), so ``before = after`` (except OGM-GE's noise, observed as in
         parameter mode).

@@ -7,8 +7,9 @@ refusal checked to be a ``ConfigurationError``):
 
 * finite coefficients, one per modality, finite scores and state;
 * the plan is applied exactly: a float64 reference built from the protocol's documented
-  semantics (``StepPlan``: encoder gradients times ``k_m`` — or the method's transform —,
-  injections added before scaling, accumulated gradients added after, extra hooks applied),
+  semantics (``StepPlan``: encoder gradients times ``k_m`` — or the method's transform, or
+  replaced by the method's combine of them —, injections added before scaling, accumulated
+  gradients added after, extra hooks applied),
   on a deep copy of the method's state, by plain autograd;
 * ``state_dict`` round trip and exact resume;
 * gradient accumulation: hooks act before accumulation (two accumulated blocks equal the sum
@@ -17,11 +18,16 @@ refusal checked to be a ``ConfigurationError``):
 * DDP on 2 gloo processes equals the single-process full batch (one launch for all entries);
 * ``torch.compile``d encoders give the eager result;
 * no hook is left behind, also when the block raises.
+
+A method that acts in the forward (``Needs(forward=True)``) is run as documented: its features
+go through ``ctx.prepare`` before fusion, and the reference fuses what a deep copy of it
+prepares, handing the carry to its plan.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -105,6 +111,7 @@ class Run:
         except gradmod.ConfigurationError as e:
             assert e.problems  # refused with reasons, at construction
             pytest.skip(f"{name} refuses {use}: {e.problems[0]}")
+        self.ctx.set_epoch(0)  # as a training loop does: methods may count epochs
 
     def tensors(self) -> list[Tensor]:
         return [
@@ -127,6 +134,8 @@ class Run:
         if self.needs.level == "responses":
             feats = gradmod.functional.shapley_responses(self.model.fuse, feats)
             out = sum(feats.values())
+        elif self.needs.forward:  # the method acts in the forward: fuse what it prepared
+            out = self.model.fuse(self.ctx.prepare(feats, y))
         else:
             out = self.model.fuse(feats)
         return F.cross_entropy(out, y), feats  # type: ignore[arg-type]
@@ -218,12 +227,17 @@ def test_the_plan_is_applied_exactly(name: str, use: str) -> None:
         binding.act,
     )
     feats = model.features(xs)
+    step = gradmod.Step(feats, y, lambda t: t, True, lambda: None, weight=0.5)
     if run.needs.level == "responses":
         feats = gradmod.functional.shapley_responses(model.fuse, feats)
+        step = gradmod.Step(feats, y, lambda t: t, True, lambda: None, weight=0.5)
         loss = F.cross_entropy(sum(feats.values()), y)  # type: ignore[arg-type]
+    elif run.needs.forward:  # the forward the method prepares, its carry to the plan
+        prepared = method.prepare(ref_binding, step)
+        loss = F.cross_entropy(model.fuse(prepared.features), y)
+        step = dataclasses.replace(step, carry=prepared.carry)
     else:
         loss = F.cross_entropy(model.fuse(feats), y)
-    step = gradmod.Step(feats, y, lambda t: t, True, lambda: None)
     plan = method.plan(ref_binding, step)
     k = plan.coefficients.detach()
     act_on_grads = use != "update"
@@ -257,8 +271,15 @@ def test_the_plan_is_applied_exactly(name: str, use: str) -> None:
         grads = torch.autograd.grad(surrogate, leaves, allow_unused=True)
     want = [g.clone() if g is not None else None for g in grads]
     index = {id(p): i for i, p in enumerate(leaves)}
-    # 2. parameter mode: each selected encoder tensor times k_m (or the method's transform)
-    if run.needs.level == "encoders" and run.ctx.mode == "parameter":
+    # 2. parameter mode: each selected encoder tensor times k_m (or the method's transform),
+    #    or, with a combine, modality m's gradients replaced by combine(m, their gradients)
+    if plan.combine is not None:
+        for m, n in enumerate(binding.names):
+            js = [index[id(mapping[id(t)])] for t in run.ctx._targets.encoders.get(n, ())]
+            g_m = [want[j] if want[j] is not None else torch.zeros_like(leaves[j]) for j in js]
+            for j, c in zip(js, plan.combine(m, g_m), strict=True):
+                want[j] = c
+    elif run.needs.level == "encoders" and run.ctx.mode == "parameter":
         for m, n in enumerate(binding.names):
             for i, t in enumerate(run.ctx._targets.encoders.get(n, ())):
                 j = index[id(mapping[id(t)])]
@@ -414,8 +435,9 @@ def _ddp_worker(rank: int, world: int, path: str, out: str) -> None:
 def test_two_processes_equal_the_full_batch() -> None:
     """Each rank runs half of every batch (gradients averaged over the ranks, as DDP does);
     gradmod's scores, metrics and head gradients are global: the result equals the
-    single-process full batch (except where a method's noise depends on the local gradient by
-    design: OGM-GE's std, then the ranks still agree bit for bit)."""
+    single-process full batch (except where a method's randomness is local by design: OGM-GE's
+    noise, whose std is the local gradient's, and a forward-acting method's per-rank draws
+    (OPM's masks); then the ranks still agree bit for bit)."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "res")
         mp.spawn(_ddp_worker, args=(2, os.path.join(d, "rdv"), out), nprocs=2, join=True)
@@ -425,7 +447,8 @@ def test_two_processes_equal_the_full_batch() -> None:
         for i, t in tensors.items():
             assert torch.equal(t, ranks[1][key][i]), (key, i)
         name, use = key.split("/", 1)
-        if REGISTRY[name].make(3).needs().transforms_gradients:
+        needs = REGISTRY[name].make(3).needs()
+        if needs.transforms_gradients or needs.forward:
             continue
         single = Run(name, use)
         single.train(range(3))

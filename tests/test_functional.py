@@ -122,7 +122,8 @@ def test_scaling_invariance_official(delta: list[float], c: float, negate: bool)
 
 @given(st.integers(2, 8), st.floats(-1, 1), st.sampled_from(["safe", "official"]))
 def test_equal_improvements_give_equal_factors(m: int, d: float, policy: str) -> None:
-    assume(policy == "safe" or abs(d) > 1e-3)
+    # official: B = (M-1)/M + 1e-8 / (M (M d + 1e-8)), within 1e-6 of (M-1)/M once |d| > 5e-3
+    assume(policy == "safe" or abs(d) > 5e-3)
     out = GF.improvement_rate_scale(
         torch.zeros(m, dtype=F64, device=DEVICE),
         t([d] * m),
@@ -329,3 +330,17 @@ def test_sign_accuracy() -> None:
         GF.sign_correct(torch.ones(3), torch.ones(4))
     with pytest.raises(ValueError, match="logits"):
         GF.correct(torch.ones(3), torch.ones(3, dtype=torch.long))
+
+
+@given(st.integers(3, 8), st.floats(1e-6, 1e4, allow_nan=False), st.floats(0.01, 2.0))
+def test_ogm_ge_exact_tie_of_many_modalities_slows_nobody(m: int, s: float, alpha: float) -> None:
+    """Regression: with M > 2, (sum - s_m) / (M - 1) of a tie can round above s_m, making every
+    modality "dominant" (all slowed by 1 - tanh(alpha)); an exact tie must leave all at 1."""
+    for dtype in (torch.float64, torch.float32):
+        scores = torch.full((m,), s, dtype=dtype, device=DEVICE)
+        assert GF.ogm_ge_coefficients(scores, alpha=alpha).tolist() == [1.0] * m
+    # still slows a modality that dominates by more than rounding
+    scores = torch.full((m,), s, dtype=torch.float64, device=DEVICE)
+    scores[0] *= 1 + 1e-9
+    k = GF.ogm_ge_coefficients(scores, alpha=alpha)
+    assert float(k[0]) < 1 and k[1:].tolist() == [1.0] * (m - 1)

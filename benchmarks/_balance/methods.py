@@ -187,6 +187,42 @@ for _alpha in OGM_GRID:
     register(_name, grid=_alpha != 0.1, alpha=_alpha, window=(0, 10))(ogm_ge)
 
 
+# ------------------------------------------------- gradmod.OPM and the TPAMI OGM "plus" form
+def opm(parts: Parts, config: Config, opt: Optimizer) -> gradmod.ModulationContext:
+    """OPM (TPAMI 2024): the dominant modality's features dropped in the forward (the training
+    loop fuses ``ctx.prepare(feats, y)``); scores read off the linear fused head."""
+    return gradmod.ModulationContext(
+        parts.model,
+        encoders=parts.encoder_paths(),
+        method=gradmod.OPM(
+            q_base=config["q_base"], lam=config["lam"], p_exe=config["p_exe"], seed=0
+        ),
+        fusion="head",
+        **level(config, opt),
+    )
+
+
+# the official values (no warm-up: the official 6 of 100 epochs have no counterpart here)
+register("opm", q_base=0.5, lam=0.5, p_exe=0.7)(opm)
+
+
+def ogm_tpami(parts: Parts, config: Config, opt: Optimizer) -> gradmod.ModulationContext:
+    """The TPAMI 2024 OGM's "plus" form: the weak encoder's gradient times ``boost``. (Its
+    default form is OGM-GE's rule up to exact ties: ``ogm-ge:alpha=0.8`` measures it.)"""
+    return gradmod.ModulationContext(
+        parts.model,
+        encoders=parts.encoder_paths(),
+        method=gradmod.OGMGE(
+            form="tpami", boost=config["boost"], alpha=1.0, window=config["window"], seed=0
+        ),
+        fusion="head",
+        **level(config, opt),
+    )
+
+
+register("ogm-tpami-plus", grid=True, boost=4.0, window=(0, 10))(ogm_tpami)
+
+
 # ---------------------------------------------------------------------------- gradmod.AGM
 def agm(parts: Parts, config: Config, opt: Optimizer) -> gradmod.ModulationContext:
     """AGM on the Shapley responses of the fused head (features of absent modalities zeroed)."""
@@ -199,6 +235,28 @@ AGM_GRID: tuple[float, ...] = (1.0, 1.5)  # official default, CREMA-D
 for _alpha in AGM_GRID:
     _name = "agm" if _alpha == 1.0 else f"agm:alpha={_alpha:g}"
     register(_name, grid=_alpha != 1.0, responses=True, alpha=_alpha)(agm)
+
+
+# ------------------------------------------------------------------------- gradmod.InfoReg
+def inforeg(parts: Parts, config: Config, opt: Optimizer) -> gradmod.ModulationContext:
+    """Unimodal logits (and their cross-entropies) off the linear fused head; the leading
+    modality pulled toward its epoch-start weights while the acquisition window is open."""
+    method = (
+        gradmod.methods.REGISTRY["inforeg-official"].make(len(parts.encoder_paths()))
+        if config.get("official")
+        else gradmod.InfoReg()
+    )
+    return gradmod.ModulationContext(
+        parts.model, encoders=parts.encoder_paths(), method=method, fusion="head"
+    )
+
+
+# gradmod's defaults (one strength 0.95, each modality gated by its own rate, mean scores);
+# the official preset (0.95 / 0.1 by modality order, the first modality's rate, summed scores)
+# as a grid point. Gradient level only: InfoReg refuses act='update'. The window counts epochs
+# from set_epoch (official trace window: 10 of 50 epochs, here of 20).
+register("inforeg")(inforeg)
+register("inforeg:official", grid=True, official=True)(inforeg)
 
 
 # --------------------------------------------------------------- gradmod.MultiLoss and MLB
@@ -260,10 +318,39 @@ for _gate in ("boost", "both"):
         f"mlb:gate={_gate}", grid=True, heads="linear", alpha=0.8, scale="encoder", gate=_gate
     )(gradmod_multiloss)
 
+
+# ------------------------------------------------------------------------ gradmod.MMPareto
+def mmpareto(parts: Parts, config: Config, opt: Optimizer) -> gradmod.ModulationContext:
+    """MMPareto: the live linear heads' unimodal gradients integrated with the fused loss's on
+    each encoder (gradient level only: the rule has no per-modality update)."""
+    return gradmod.ModulationContext(
+        parts.model,
+        dict(parts.heads),
+        encoders=parts.encoder_paths(),
+        method=gradmod.MMPareto(rescale=config["rescale"], policy=config["policy"]),
+    )
+
+
+# gradmod's default (one magnitude per encoder, safe at cancelling tensors), then the official
+# arithmetic (per-tensor magnitude) as a grid point
+register("mmpareto", heads="linear", rescale="encoder", policy="safe")(mmpareto)
+register("mmpareto:official", grid=True, heads="linear", rescale="tensor", policy="official")(
+    mmpareto
+)
+
+
 # ------------------------------------------------------------------------- the update level
 # Each coefficient method's update form (AGM has none: its coefficients scale responses that
 # reach the fused head too; MLB's official scaling of a fused-head column block neither). The
 # recommended configuration's is part of --quick; the others are grid points (full runs).
 at_update("balanced", grid=False)
-for _name in ("cggm", "ogm-ge", "ogm-ge:alpha=0.8", "mlb:gate=boost", "mlb:gate=both"):
+# OPM has none: its coefficients are ones (it acts in the forward).
+for _name in (
+    "cggm",
+    "ogm-ge",
+    "ogm-ge:alpha=0.8",
+    "ogm-tpami-plus",
+    "mlb:gate=boost",
+    "mlb:gate=both",
+):
     at_update(_name)

@@ -229,8 +229,8 @@ def _backward(
         phi = gradmod.functional.shapley_responses(model.fuse, feats, module=model.head)
         loss = F.cross_entropy(torch.stack(list(phi.values())).sum(0), yb)
         feats = phi
-    else:
-        loss = net.loss(feats, yb)
+    else:  # a method that acts in the forward (OPM) hands back the features to fuse
+        loss = net.loss(ctx.prepare(feats, yb) if ctx is not None else feats, yb)
     if ctx is None:
         loss.backward()
         return None

@@ -7,6 +7,10 @@
 #
 # Environment:
 #   CGGM_SRC, OGM_SRC, AGM_SRC, MLB_SRC  extracted official sources (required; see README.md)
+#   MMPARETO_SRC  extracted GeWu-Lab/MMPareto_ICML2024 (optional: its stage is skipped without it)
+#   BML_SRC   extracted GeWu-Lab/BML_TPAMI2024 (optional: the OPM / revised OGM formula check)
+#   INFOREG_SRC  extracted GeWu-Lab/InfoReg_CVPR2025 (optional: its formula check is skipped
+#             without it)
 #   PY        interpreter with torch, scikit-learn and einops (default: python)
 #   OUT       output folder (default: results/parity in this checkout; gitignored)
 #   RERECORD  1: re-record the official traces even if OUT already holds them
@@ -98,6 +102,38 @@ fi
 echo "== formula_check (official coefficient lines exec'd on the same inputs)"
 "$PY" "$HERE/formula_check.py" > "$OUT/formula_check.txt" 2>&1 || fail "formula_check" "$OUT/formula_check.txt"
 grep -v -E '^(Traceback|  )' "$OUT/formula_check.txt" | grep -E 'vs |CGGM all' || true
+
+echo "== mmpareto_formula (official MMPareto lines exec'd on the same gradients)"
+if [ -n "${MMPARETO_SRC:-}" ]; then
+  if [ -d "$MMPARETO_SRC/code" ]; then
+    MMPARETO_SRC="$MMPARETO_SRC" "$PY" "$HERE/mmpareto_formula.py" > "$OUT/mmpareto_formula.txt" 2>&1 \
+      || fail "mmpareto_formula" "$OUT/mmpareto_formula.txt"
+    grep -E '^(formula|step|  )' "$OUT/mmpareto_formula.txt" | grep -v -E '^  File' || true
+  else
+    fail "mmpareto_formula (MMPARETO_SRC=$MMPARETO_SRC has no code/)" /dev/null
+  fi
+else
+  echo "skipped: set MMPARETO_SRC to an extracted copy of GeWu-Lab/MMPareto_ICML2024"
+fi
+
+if [ -n "${BML_SRC:-}" ]; then
+  echo "== opm_formula (OPM / revised OGM of BML_TPAMI2024, official lines exec'd on the same inputs)"
+  [ -d "$BML_SRC" ] || { echo "missing directory: $BML_SRC" >&2; exit 2; }
+  export BML_SRC
+  "$PY" -W ignore "$HERE/opm_formula.py" > "$OUT/opm_formula.txt" 2>&1 || fail "opm_formula" "$OUT/opm_formula.txt"
+  grep -E ' vs |leak on|rounds to|^vector: s|^vector: q' "$OUT/opm_formula.txt" || true
+else
+  echo "== opm_formula skipped (set BML_SRC to an extracted GeWu-Lab/BML_TPAMI2024)"
+fi
+echo "== inforeg_formula (official InfoReg lines exec'd on the same inputs)"
+if [ -n "${INFOREG_SRC:-}" ]; then
+  [ -d "$INFOREG_SRC" ] || { echo "missing directory: $INFOREG_SRC" >&2; exit 2; }
+  INFOREG_SRC="$INFOREG_SRC" "$PY" "$HERE/inforeg_formula.py" > "$OUT/inforeg_formula.txt" 2>&1 \
+    || fail "inforeg_formula" "$OUT/inforeg_formula.txt"
+  grep -E ' vs |zero denominator' "$OUT/inforeg_formula.txt" || true
+else
+  echo "skipped: set INFOREG_SRC to an extracted copy of GeWu-Lab/InfoReg_CVPR2025"
+fi
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "== FAILED: ${failed[*]}"; exit 1

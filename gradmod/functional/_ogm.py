@@ -30,7 +30,9 @@ def ogm_ge_coefficients(
       :math:`k_m = 1 - \tanh(\alpha \cdot \operatorname{relu}(\rho_m - 1))`, 1 at a tie.
 
     For ``M = 2``, :math:`\rho_m` is exactly the official ratio. For ``M > 2`` the one-vs-others
-    average is gradmod's extension (the authors' suggestion), not something they ran.
+    average is gradmod's extension (the authors' suggestion), not something they ran; there a
+    modality counts as dominant only when :math:`\rho_m` exceeds 1 by more than a few rounding
+    errors, so that an exact tie leaves every modality at 1.
 
     Args:
         scores: :math:`s`, shape ``[M]``, non-negative (see
@@ -53,8 +55,11 @@ def ogm_ge_coefficients(
         return _one_minus_tanh(alpha * torch.relu(rho - 1.0))
     if form != "official":
         raise ValueError(f"form must be 'official' or 'continuous'; got {form!r}")
-    dominant = rho > 1.0
-    if scores.shape[0] == 2:
+    m = scores.shape[0]
+    # M > 2: rho_m must clear 1 by more than a few rounding errors, so that an exact tie is
+    # neutral ((s + s + s - s) / 2 / s is not always 1: a tie would slow every modality)
+    dominant = rho > 1.0 + 4 * m * torch.finfo(rho.dtype).eps
+    if m == 2:
         # official tie-break: when s_1 <= s_0 the else-branch slows modality 0
         dominant = torch.stack([scores[0] >= scores[1], scores[1] > scores[0]])
     return torch.where(dominant, _one_minus_tanh(alpha * rho), torch.ones_like(rho))

@@ -2,6 +2,7 @@
 
 from .._protocol import (
     Binding,
+    GradCombine,
     GradHook,
     GradTransform,
     Injection,
@@ -9,6 +10,7 @@ from .._protocol import (
     LossScale,
     Method,
     Needs,
+    Prepared,
     Reduce,
     Step,
     StepPlan,
@@ -19,28 +21,36 @@ from .._protocol import (
 from ._agm import AGM
 from ._cggm import CGGM
 from ._fixed import Fixed
+from ._inforeg import InfoReg
+from ._mmpareto import MMPareto
 from ._multiloss import MLB, MultiLoss
 from ._ogm import OGMGE
+from ._opm import OPM
 from ._registry import REGISTRY, Registered, register, register_preset
 
 __all__ = [
     "AGM",
     "CGGM",
     "Fixed",
+    "InfoReg",
     "MLB",
+    "MMPareto",
     "OGMGE",
+    "OPM",
     "REGISTRY",
     "Registered",
     "register",
     "register_preset",
     "MultiLoss",
     "Binding",
+    "GradCombine",
     "GradHook",
     "GradTransform",
     "Injection",
     "Level",
     "Method",
     "Needs",
+    "Prepared",
     "LossScale",
     "Reduce",
     "Step",

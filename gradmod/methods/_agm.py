@@ -130,19 +130,9 @@ class AGM(Method):
         names = binding.names
         m = len(names)
         dtype = coefficient_dtype(binding.device)
-        if self.score_sum.shape != (m,):
-            if int(self.steps) > 0:
-                raise ValueError(
-                    f"this AGM instance holds state for {self.score_sum.numel()} modalities but "
-                    f"is used with {m}; call reset() or use a new instance"
-                )
-            self.score_sum = torch.zeros(m, device=binding.device, dtype=dtype)
         # all state on the scores' device (e.g. after loading a CPU checkpoint): the commit
         # updates it in place with device tensors, without a host sync
-        for name in ("score_sum", "steps", "skipped"):
-            buf = getattr(self, name)
-            if buf.device != binding.device:
-                setattr(self, name, buf.to(binding.device))
+        self.size_state(binding, {"score_sum": 0.0})
         like = self.score_sum
         floor = 1e-8 if not self.official or m == 2 else 0.0
         with torch.no_grad():

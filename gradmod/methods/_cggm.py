@@ -18,7 +18,6 @@ from .._protocol import (
     Step,
     StepPlan,
     class_index_problem,
-    coefficient_dtype,
     finite_step,
 )
 from ._args import check_args
@@ -183,22 +182,8 @@ class CGGM(Method):
         return self.official and self.lam > 0
 
     def _ensure_state(self, binding: Binding) -> None:
-        m, device = len(binding.names), binding.device
-        if self.previous.shape == (m,):
-            if self.previous.device != device:
-                self.to(device)
-            return
-        if self.previous.numel() and int(self.steps) > 0:
-            raise ValueError(
-                f"this CGGM instance holds state for {self.previous.numel()} modalities but is "
-                f"used with {m}; call reset() or use a new instance"
-            )
-        dtype = coefficient_dtype(device)
-        self.previous = torch.zeros(m, device=device, dtype=dtype)
-        self.last_b = torch.full((m,), (m - 1) / m, device=device, dtype=dtype)
-        self.last_coefficients = torch.ones(m, device=device, dtype=dtype)
-        self.steps = self.steps.to(device)
-        self.skipped = self.skipped.to(device)
+        m = len(binding.names)
+        self.size_state(binding, {"previous": 0.0, "last_b": (m - 1) / m, "last_coefficients": 1.0})
 
     def _ensure_direction_state(self, binding: Binding) -> None:
         """The official direction loss's snapshot, before the first step: zero weights (no loss

@@ -34,7 +34,17 @@ _SEED_SPACE = 2**63
 
 @register(
     "ogm-ge",
-    presets={"ogm": (lambda m: OGMGE(ge=False), "OGM without the GE noise")},
+    presets={
+        "ogm": (lambda m: OGMGE(ge=False), "OGM without the GE noise"),
+        "ogm-tpami": (
+            lambda m: OGMGE(form="tpami", alpha=0.8, window=(0, 60)),
+            "the revised OGM-GE of the TPAMI 2024 code (train_ogm.sh: alpha 0.8, epochs 0-60)",
+        ),
+        "ogm-tpami-plus": (
+            lambda m: OGMGE(form="tpami", boost=4.0, window=(0, 80)),
+            "the TPAMI 2024 code's --use_OGM_plus: the weak encoder's gradient times 4",
+        ),
+    },
 )
 class OGMGE(Method):
     r"""On-the-fly gradient modulation, with generalisation-enhancement (GE) noise.
@@ -62,7 +72,15 @@ class OGMGE(Method):
 
     Args:
         alpha: :math:`\alpha` (official 0.1 on VGGSound, 0.8 on CREMA-D).
-        form: ``"official"`` (default, jump at :math:`\rho = 1`) or ``"continuous"``.
+        form: ``"official"`` (default, jump at :math:`\rho = 1`), ``"continuous"``, or
+            ``"tpami"``: the revised OGM of the TPAMI 2024 extension
+            (:func:`gradmod.functional.ogm_tpami_coefficients`): the official rule with the
+            TPAMI code's tie-break (an exact tie slows modality 1, not 0) and its ``boost``
+            variant. Its official setting: ``alpha=0.8, window=(6, 60), params="conv"``
+            (the window starts after its 6 warm-up epochs), under AdamW.
+        boost: ``form="tpami"`` only: the TPAMI code's "plus" variant (``--use_OGM_plus``):
+            the dominant modality keeps 1 and the others get ``boost`` (official 4.0) instead
+            of slowing the dominant one. ``None`` (default): slow the dominant modality.
         window: ``(first, last)`` epochs, inclusive, in which modulation and noise apply
             (official ``(0, 50)`` of 100 epochs); ``None``: always. Tell the method the epoch
             with :meth:`ModulationContext.set_epoch` (or :meth:`set_epoch`).
@@ -87,7 +105,8 @@ class OGMGE(Method):
         self,
         *,
         alpha: float = 0.1,
-        form: GF.OGMForm = "official",
+        form: GF.OGMForm | Literal["tpami"] = "official",
+        boost: float | None = None,
         window: tuple[int, int] | None = (0, 50),
         ge: bool = True,
         params: ParamFilter = "encoder",
@@ -95,8 +114,10 @@ class OGMGE(Method):
     ) -> None:
         super().__init__()
         choices = []
-        if form not in ("official", "continuous"):
-            choices.append(f"OGMGE: form must be 'official' or 'continuous'; got {form!r}")
+        if form not in ("official", "continuous", "tpami"):
+            choices.append(f"OGMGE: form must be 'official', 'continuous' or 'tpami'; got {form!r}")
+        if boost is not None and form != "tpami":
+            choices.append("OGMGE: boost= is the TPAMI variant: pass form='tpami' with it")
         if window is not None and not (
             isinstance(window, tuple | list)
             and len(window) == 2
@@ -113,9 +134,13 @@ class OGMGE(Method):
             )
         if not isinstance(seed, int) or isinstance(seed, bool):
             choices.append(f"OGMGE: seed must be an integer; got {seed!r}")
-        check_args("OGMGE", [("alpha", alpha, 0.0, False, None)], choices)
+        bounds = [("alpha", alpha, 0.0, False, None)]
+        if boost is not None:
+            bounds.append(("boost", boost, 0.0, False, None))
+        check_args("OGMGE", bounds, choices)
         self.alpha = float(alpha)
-        self.form: GF.OGMForm = form
+        self.form: GF.OGMForm | Literal["tpami"] = form
+        self.boost = None if boost is None else float(boost)
         self.window = None if window is None else (int(window[0]), int(window[1]))
         self.ge = bool(ge)
         self.params = params
@@ -142,7 +167,9 @@ class OGMGE(Method):
 
     def extra_repr(self) -> str:
         return (
-            f"alpha={self.alpha}, form={self.form!r}, window={self.window}, ge={self.ge}, "
+            f"alpha={self.alpha}, form={self.form!r}"
+            + (f", boost={self.boost}" if self.boost is not None else "")
+            + f", window={self.window}, ge={self.ge}, "
             f"params={self.params if isinstance(self.params, str) else 'custom'!r}"
         )
 
@@ -158,14 +185,7 @@ class OGMGE(Method):
 
     # ------------------------------------------------------------------------ configuration
     def check(self, binding: Binding) -> list[str]:
-        problems: list[str] = []
-        if binding.classifiers is None and not isinstance(binding.fusion_module, nn.Linear):
-            got = type(binding.fusion_module).__name__ if binding.fusion_module else "nothing"
-            problems.append(
-                "OGM-GE reads unimodal logits off the fusion head: pass fusion= one nn.Linear "
-                f"over the concatenated features (got {got}), or the per-modality parts of a "
-                "sum head as classifiers"
-            )
+        problems = logits_problems("OGM-GE", binding)
         if self.ge and binding.mode == "feature":
             problems.append(
                 "OGM-GE's noise is drawn per parameter tensor, which feature mode cannot do: use "
@@ -195,26 +215,15 @@ class OGMGE(Method):
 
     def unimodal_logits(self, binding: Binding, features: list[Tensor]) -> list[Tensor]:
         """:math:`z_m` of every modality, from the fusion head (no gradient)."""
-        with torch.no_grad():
-            if binding.classifiers is not None:
-                heads = [binding.classifiers[n] for n in binding.names]
-                return [h(f.detach()) for h, f in zip(heads, features, strict=True)]
-            head = binding.fusion_module
-            assert isinstance(head, nn.Linear)
-            widths = [f.shape[-1] for f in features]
-            if sum(widths) != head.in_features:
-                raise StepError(
-                    f"the fusion Linear takes {head.in_features} inputs but the features' widths "
-                    f"{widths} add up to {sum(widths)}: OGM-GE needs the fusion head to be one "
-                    "Linear over the features concatenated in modality order"
-                )
-            blocks = head.weight.split(widths, dim=1)
-            m = len(features)
-            out = []
-            for f, w in zip(features, blocks, strict=True):
-                z = f.detach().to(w.dtype) @ w.T
-                out.append(z + head.bias / m if head.bias is not None else z)
-            return out
+        return unimodal_logits("OGM-GE", binding, features)
+
+    def coefficients(self, scores: Tensor) -> Tensor:
+        """This step's factors from the scores (inside the window)."""
+        if self.form == "tpami":
+            variant: GF.OGMVariant = "slow" if self.boost is None else "boost"
+            boost = 4.0 if self.boost is None else self.boost
+            return GF.ogm_tpami_coefficients(scores, alpha=self.alpha, variant=variant, boost=boost)
+        return GF.ogm_ge_coefficients(scores, alpha=self.alpha, form=self.form)
 
     def check_step(self, binding: Binding, step: Step) -> list[str]:
         first = next(iter(step.features.values()), None)
@@ -231,11 +240,7 @@ class OGMGE(Method):
             )
             scores = step.reduce(sums.to(binding.device))
             active = self.in_window()
-            k = (
-                GF.ogm_ge_coefficients(scores, alpha=self.alpha, form=self.form)
-                if active
-                else torch.ones_like(scores)
-            )
+            k = self.coefficients(scores) if active else torch.ones_like(scores)
             k, ok = finite_step(k, scores)
         noisy = self.ge and active
         block = _NoiseBlock(
@@ -321,6 +326,50 @@ def _seed(seed: int, noise_step: int, m: int, i: int | None = None) -> int:
     a tensor whose gradient does not have its parameter's size)."""
     key = (seed, noise_step, m) if i is None else (seed, noise_step, m, i)
     return hash(key) % _SEED_SPACE
+
+
+def logits_problems(who: str, binding: Binding) -> list[str]:
+    """What keeps :func:`unimodal_logits` from reading unimodal logits off ``binding``."""
+    if binding.classifiers is None and not isinstance(binding.fusion_module, nn.Linear):
+        got = type(binding.fusion_module).__name__ if binding.fusion_module else "nothing"
+        return [
+            f"{who} reads unimodal logits off the fusion head: pass fusion= one nn.Linear "
+            f"over the concatenated features (got {got}), or the per-modality parts of a "
+            "sum head as classifiers"
+        ]
+    return []
+
+
+def unimodal_logits(
+    who: str, binding: Binding, features: list[Tensor], *, live: bool = False
+) -> list[Tensor]:
+    r"""OGM-GE's (and OPM's) unimodal logits :math:`z_m`: ``classifiers[m](h_m)``, or for one
+    ``nn.Linear`` fusion head over the concatenation, :math:`h_m W_m^\top + b/M`.
+
+    No gradient, unless ``live``: then the logits are in the graph of the features (and of the
+    classifiers; the fusion head's weight and bias are detached, as in the official code)."""
+    feats = features if live else [f.detach() for f in features]
+    with torch.set_grad_enabled(live):
+        if binding.classifiers is not None:
+            heads = [binding.classifiers[n] for n in binding.names]
+            return [h(f) for h, f in zip(heads, feats, strict=True)]
+        head = binding.fusion_module
+        assert isinstance(head, nn.Linear)
+        widths = [f.shape[-1] for f in features]
+        if sum(widths) != head.in_features:
+            raise StepError(
+                f"the fusion Linear takes {head.in_features} inputs but the features' widths "
+                f"{widths} add up to {sum(widths)}: {who} needs the fusion head to be one "
+                "Linear over the features concatenated in modality order"
+            )
+        blocks = head.weight.detach().split(widths, dim=1)
+        bias = head.bias.detach() if head.bias is not None else None
+        m = len(features)
+        out = []
+        for f, w in zip(feats, blocks, strict=True):
+            z = f.to(w.dtype) @ w.T
+            out.append(z + bias / m if bias is not None else z)
+        return out
 
 
 class _NoiseBlock:

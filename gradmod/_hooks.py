@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -15,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 from ._errors import ContextError
 from ._protocol import GradHook, GradTransform, Injection, LossScale
 
-__all__ = ["CONFLICT", "KEY", "GradNorms", "HookSet"]
+__all__ = ["CONFLICT", "KEY", "GradNorms", "HookSet", "observer"]
 
 
 #: The key of gradmod's entry in a parameter's hook dict: the modulation hook in parameter mode,
@@ -130,47 +131,63 @@ def _stash(slots: list[Tensor | None], i: int, grad: Tensor) -> Tensor:
 
 
 class GradNorms:
-    """The norms of the gradients that passed one set of observing hooks in one backward.
+    """Per-modality norms of the gradients that pass one set of observing hooks.
 
-    ``slots[m][i]``: the norm (a 0-d device tensor, no host sync) of the gradient of tensor ``i``
-    of modality ``m``, or ``None`` while none arrived. A tensor whose hook fires twice (two
-    backward passes in one block) marks its modality ``repeated``: the norm of the sum of two
-    gradients is not known from their norms.
+    One slot per encoder tensor in an ``[M, L]`` device buffer (``L``: the largest group;
+    zero where no gradient arrived), written by the hooks with ``vector_norm(..., out=slot)``:
+    no allocation per gradient, no host sync. Reused from block to block (:meth:`reset`). A
+    tensor whose hook fires twice (two backward passes in one block) marks its modality
+    ``repeated``: the norm of the sum of two gradients is not known from their norms.
     """
 
-    __slots__ = ("repeated", "slots")
+    __slots__ = ("buffer", "fired", "repeated", "sizes", "views")
 
-    def __init__(self, sizes: Sequence[int]) -> None:
-        self.slots: list[list[Tensor | None]] = [[None] * n for n in sizes]
-        self.repeated = [False] * len(sizes)
+    def __init__(self, sizes: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
+        self.sizes = list(sizes)
+        self.buffer = torch.zeros(len(sizes), max(sizes, default=0), dtype=dtype, device=device)
+        self.views = [[self.buffer[m, i] for i in range(n)] for m, n in enumerate(sizes)]
+        self.fired: list[list[bool]] = []
+        self.repeated: list[bool] = []
+        self.reset()
 
-    def totals(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """Each modality's norm, ``sqrt(sum of squares)`` of its tensors' norms: ``[M]`` in
-        ``dtype`` (0 where no gradient arrived, NaN where a tensor received two)."""
-        out = []
-        for m, row in enumerate(self.slots):
-            norms = [n for n in row if n is not None]
-            if self.repeated[m]:
-                out.append(torch.full((), float("nan"), dtype=dtype, device=device))
-            elif norms:
-                out.append(torch.linalg.vector_norm(torch.stack(norms).to(dtype)))
-            else:
-                out.append(torch.zeros((), dtype=dtype, device=device))
-        return torch.stack(out)
+    def reset(self) -> None:
+        """Forget the previous block's norms."""
+        self.buffer.zero_()
+        self.fired = [[False] * n for n in self.sizes]
+        self.repeated = [False] * len(self.sizes)
+
+    def totals(self, dtype: torch.dtype, mask: Tensor | None = None) -> Tensor:
+        """Each modality's norm over its tensors (only those where ``mask`` is 1, if given):
+        ``[M]`` in ``dtype``, NaN where a tensor received two gradients."""
+        norms = self.buffer if mask is None else self.buffer * mask
+        out: Tensor = torch.linalg.vector_norm(norms, dim=1).to(dtype)
+        for m, repeated in enumerate(self.repeated):
+            if repeated:
+                out[m] = math.nan
+        return out
 
 
 def _observe(sinks: Sequence[GradNorms], m: int, i: int, grad: Tensor) -> None:
-    """Record ``grad``'s norm in every sink; returns ``None``: the gradient passes unchanged."""
-    g = grad.coalesce().values() if grad.is_sparse else grad
-    norm = torch.linalg.vector_norm(
-        g, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32
-    )
-    for sink in sinks:
-        row = sink.slots[m]
-        if row[i] is not None:
+    """Write ``grad``'s norm into slot ``(m, i)`` of every sink; returns ``None``: the gradient
+    passes unchanged."""
+    g = grad.detach()  # out= refuses a gradient that requires grad (create_graph=True)
+    if g.is_sparse:
+        g = g.coalesce().values()
+    slot = sinks[0].views[m][i]
+    torch.linalg.vector_norm(g, dtype=slot.dtype, out=slot)
+    for j, sink in enumerate(sinks):
+        fired = sink.fired[m]
+        if fired[i]:
             sink.repeated[m] = True
-        row[i] = norm
+        fired[i] = True
+        if j:
+            sink.views[m][i].copy_(slot)
     return None
+
+
+def observer(sinks: Sequence[GradNorms], m: int, i: int) -> Callable[[Tensor], None]:
+    """The pass-through hook that records the norm of tensor ``i`` of modality ``m``."""
+    return functools.partial(_observe, sinks, m, i)
 
 
 CONFLICT = (
@@ -335,18 +352,16 @@ class HookSet:
         self._put_many(flat, fns)
 
     def observe(
-        self, tensors: Sequence[tuple[int, int, Tensor]], sinks: Sequence[GradNorms]
+        self, entries: Sequence[tuple[Tensor, Callable[[Tensor], None]]], key: object
     ) -> None:
-        """Record the norm of each ``(modality, index, tensor)``'s gradient in ``sinks``.
-
-        A pass-through hook, added after the hooks already in the tensor's hook dict (leaf hooks
-        run in insertion order): registered before :meth:`scale` it sees what the scaling hook
-        receives, after it what the scaling hook returns. Under a key of its own, so it never
-        counts as a claim.
-        """
-        key = ("gradmod.monitor", *map(id, sinks))
-        for m, i, t in tensors:
-            fn = functools.partial(_observe, sinks, m, i)
+        """Add pass-through hooks (:func:`observer`) under ``key``, after the hooks already in
+        each tensor's hook dict (leaf hooks run in insertion order): registered before
+        :meth:`scale` they see what the scaling hook receives, after it what it returns. A key
+        of their own: they never count as a claim. Tensors that do not require grad are
+        skipped."""
+        for t, fn in entries:
+            if not t.requires_grad:
+                continue
             hooks = _leaf_hooks(t)
             if hooks is None:
                 self._handles.append(t.register_hook(fn))

@@ -7,11 +7,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import _dist
 from ._config import Mode
-from ._hooks import GradNorms, HookSet
+from ._hooks import GradNorms, HookSet, observer
 from ._protocol import Binding, LossScale, Needs, StepPlan, Targets
 from .monitor import Monitor
 
@@ -43,8 +43,8 @@ class Wiring:
         self.update = update
         self.coefficients = coefficients
         self.hooks = HookSet(torch.ones_like(coefficients) if update else coefficients)
-        # the block's gradient norms and how they are read, when monitored
-        self._norms: tuple[GradNorms, GradNorms, GradNorms, str] | None = None
+        self._seen: _Observation | None = None  # the monitor's hooks, built on first use
+        self._how: str | None = None  # how this block's norms are read, when monitored
         self._encoders: dict[int, list[Tensor]] | None = None
         self._block: list[list[Tensor | None]] | None = None  # this block's stash (combine)
         self._window: list[list[Tensor | None]] | None = None  # the earlier clean blocks'
@@ -146,7 +146,7 @@ class Wiring:
                 ):
                     flat[j] = x
             it = iter(flat)
-            norms: list[Tensor] | None = [] if self._norms is not None else None  # monitored
+            norms: list[Tensor] | None = [] if self._how is not None else None  # monitored
             for m, ts in enumerate(tensors):
                 out = plan.combine(m, [next(it) for _ in ts])
                 if len(out) != len(ts) or any(
@@ -172,63 +172,107 @@ class Wiring:
         insertion order) and returns the registration of those that run after them.
         """
         groups = [self.binding.groups[n] for n in self.binding.names]
-        before, after, part = (GradNorms([len(g) for g in groups]) for _ in range(3))
-        tensors = [
-            (m, i, p) for m, g in enumerate(groups) for i, p in enumerate(g) if p.requires_grad
-        ]
+        dtype = torch.float64 if any(g[0].dtype == torch.float64 for g in groups if g) else None
+        seen = self._seen
+        if seen is None or seen.dtype != (dtype or torch.float32):
+            hooked = {id(t) for ts in self.targets.encoders.values() for t in ts}
+            seen = self._seen = _Observation(self, groups, hooked, dtype or torch.float32)
+        seen.before.reset()
+        seen.after.reset()
         hooks = self.hooks
         if not on_params:  # the parameters receive their final gradient
-            self._norms = (before, after, part, "final")
-            return lambda: hooks.observe(tensors, [after])
-        hooked = {id(t) for ts in self.targets.encoders.values() for t in ts}
-        scaled = [x for x in tensors if id(x[2]) in hooked]
-        hooks.observe([x for x in tensors if id(x[2]) not in hooked], [before, after])
+            self._how = "final"
+            return lambda: hooks.observe(seen.final, seen.key_after)
         if combine:  # the hooks let zeros through; what lands is measured when it lands
-            self._norms = (before, after, part, "combined")
-            hooks.observe(scaled, [before])
+            self._how = "combined"
+            hooks.observe(seen.pre, seen.key_before)
             return lambda: None
-        if not transform:  # the hook multiplies by k: |k| times the norm it receives
-            self._norms = (before, after, part, "scaled")
-            hooks.observe(scaled, [before, part])
+        if not transform:  # the hooks multiply by k: |k| times the norm they receive
+            self._how = "scaled"
+            hooks.observe(seen.received, seen.key_before)
             return lambda: None
-        self._norms = (before, after, part, "observed")
-        hooks.observe(scaled, [before])
-        return lambda: hooks.observe(scaled, [after])
+        self._how = "observed"  # on both sides of the transform
+        hooks.observe(seen.pre, seen.key_before)
+        return lambda: hooks.observe(seen.post, seen.key_after)
 
     def report(
         self, monitor: Monitor, plan: StepPlan, boundary: bool, scale: Tensor | None
     ) -> None:
         """Hand a clean block's record to the monitor (device operations only)."""
-        norms, self._norms = self._norms, None
-        if norms is None:
-            return
-        before, after, part, how = norms
-        k = self.coefficients
-        norm_after = after.totals(k.dtype, k.device)
+        how, self._how = self._how, None
         landed, self._landed = self._landed, None
+        seen = self._seen
+        if how is None or seen is None:
+            return
+        k = self.coefficients
         if how == "combined":  # after: the unhooked tensors', and what the boundary added
-            norm_before = before.totals(k.dtype, k.device)
+            norm_before, norm_after = seen.before.totals(k.dtype), seen.after.totals(k.dtype)
             if landed is not None:
                 norm_after = torch.hypot(landed.to(norm_after), norm_after)
         elif how == "observed":  # on both sides of the scaling hooks
-            norm_before = before.totals(k.dtype, k.device)
+            norm_before, norm_after = seen.before.totals(k.dtype), seen.after.totals(k.dtype)
         elif how == "scaled":  # the hooked tensors' gradients were multiplied by k
-            norm_before = before.totals(k.dtype, k.device)
-            norm_after = torch.hypot(k.abs() * part.totals(k.dtype, k.device), norm_after)
-        elif self.update:  # the coefficients act on the update: nothing scaled
-            norm_before = norm_after
-        elif self.needs.level == "responses":  # every response reaches every encoder
-            norm_before = torch.full_like(norm_after, math.nan)
-        else:  # feature mode: encoder m's parameters received k_m times their gradient
-            norm_before = torch.where(k == 0, math.nan, norm_after / k.abs())
+            norm_before = seen.before.totals(k.dtype)
+            if seen.mask is None:  # every encoder tensor was multiplied by k
+                norm_after = k.abs() * norm_before
+            else:  # only the hooked ones: the others enter unscaled
+                norm_after = torch.hypot(
+                    k.abs() * seen.before.totals(k.dtype, seen.mask),
+                    seen.before.totals(k.dtype, 1 - seen.mask),
+                )
+        else:
+            norm_after = seen.after.totals(k.dtype)
+            if self.update:  # the coefficients act on the update: nothing scaled
+                norm_before = norm_after
+            elif self.needs.level == "responses":  # every response reaches every encoder
+                norm_before = torch.full_like(norm_after, math.nan)
+            else:  # feature mode: encoder m's parameters received k_m times their gradient
+                norm_before = torch.where(k == 0, math.nan, norm_after / k.abs())
         if scale is not None:
             norm_before, norm_after = norm_before / scale, norm_after / scale
         monitor._record(self.binding.names, boundary, k, plan.scores, norm_before, norm_after)
 
     def forget(self) -> None:
         """Drop a block's observations and stash (it raised)."""
-        self._norms = None
+        self._how = None
         self._block = None
+
+
+class _Observation:
+    """A monitored context's observing hooks, built once: the norm buffers (``before``,
+    ``after``) and, for each way of reading the norms, the ``(tensor, hook)`` pairs to add."""
+
+    def __init__(
+        self,
+        owner: object,
+        groups: list[list[nn.Parameter]],
+        hooked: set[int],
+        dtype: torch.dtype,
+    ) -> None:
+        sizes = [len(g) for g in groups]
+        device = next((p.device for g in groups for p in g), torch.device("cpu"))
+        self.dtype = dtype
+        self.before = GradNorms(sizes, dtype, device)
+        self.after = GradNorms(sizes, dtype, device)
+        self.key_before = ("gradmod.monitor", id(owner), "before")
+        self.key_after = ("gradmod.monitor", id(owner), "after")
+        items = [(m, i, p) for m, g in enumerate(groups) for i, p in enumerate(g)]
+        b, a, both = [self.before], [self.after], [self.before, self.after]
+        # no parameter hooks: the final gradient, once
+        self.final = [(p, observer(a, m, i)) for m, i, p in items]
+        # parameter hooks that multiply: what they receive (and |k| times it)
+        self.received = [(p, observer(b, m, i)) for m, i, p in items]
+        # a transform (or a combine): before the hooked tensors' hooks (and after them); the
+        # tensors without a hook once, for both
+        self.pre = [(p, observer(b if id(p) in hooked else both, m, i)) for m, i, p in items]
+        self.post = [(p, observer(a, m, i)) for m, i, p in items if id(p) in hooked]
+        # hooked tensors (1) among the slots, where some are not
+        self.mask: Tensor | None = None
+        if any(id(p) not in hooked for _, _, p in items):
+            mask = torch.zeros(len(sizes), max(sizes, default=0), dtype=torch.float64)
+            for m, i, p in items:
+                mask[m, i] = float(id(p) in hooked)
+            self.mask = mask.to(device)
 
 
 def _norm(tensors: list[Tensor], device: torch.device | None) -> Tensor:

@@ -179,6 +179,22 @@ def test_ogm_ge_noise_is_observed_after_the_hook() -> None:
         close(column(rec, f"score/{key}")[0], ctx.scores[key], key)
 
 
+def test_ogm_ge_on_part_of_each_encoder_observes_the_rest_once_for_both() -> None:
+    model = make()
+    mon = gradmod.Monitor()
+    method = gradmod.OGMGE(alpha=0.5, seed=1, params=lambda t: t.dim() == 2)
+    ctx = ctx_for(model, method, fusion="head", monitor=mon)
+    model.zero_grad(set_to_none=True)
+    run_block(model, ctx)
+    rec = mon.to_dict()
+    close(
+        column(rec, "grad_norm_before")[0],
+        torch.stack([norm(g) for g in plain_grads(model).values()]),
+        "before",
+    )
+    close(column(rec, "grad_norm_after")[0], grad_norms(model), "after = norm of .grad")
+
+
 def test_feature_mode_derives_before_and_is_nan_where_k_is_zero() -> None:
     model = make()
     mon = gradmod.Monitor()
@@ -370,6 +386,33 @@ def test_parameter_mode_with_part_of_each_encoder_scaled() -> None:
     biases = torch.stack([norm([g for g in ref[n] if g.dim() == 1]) for n in NAMES])
     expected = torch.hypot(torch.tensor(K, dtype=F64) * weights, biases)
     close(column(rec, "grad_norm_after")[0], expected)
+
+
+def test_a_copied_context_records_into_its_copied_monitor() -> None:
+    holder = nn.Module()
+    holder.model = make()
+    holder.ctx = ctx_for(holder.model, gradmod.Fixed(K), mode="feature", monitor=Monitor())  # type: ignore[assignment]
+    run_block(holder.model, holder.ctx)  # type: ignore[arg-type]
+    twin = copy.deepcopy(holder)
+    twin.model.zero_grad(set_to_none=True)
+    run_block(twin.model, twin.ctx, seed=4)  # type: ignore[arg-type]
+    rec = twin.ctx.monitor.to_dict()  # type: ignore[union-attr]
+    assert rec["step"] == [0, 1] and len(holder.ctx.monitor) == 1  # type: ignore[union-attr]
+    close(column(rec, "grad_norm_after")[1], grad_norms(twin.model))  # type: ignore[arg-type]
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_create_graph_backward_is_observed() -> None:
+    model = make()
+    mon = Monitor()
+    ctx = ctx_for(model, gradmod.Fixed(K), monitor=mon)
+    xs, y = on_device(*data())
+    feats = model.features(xs)
+    loss = F.cross_entropy(model.fuse(feats), y)
+    with ctx(features=feats, targets=y):
+        loss.backward(create_graph=True)
+    close(column(mon.to_dict(), "grad_norm_after")[0], grad_norms(model))
+    model.zero_grad(set_to_none=True)  # break the parameter <-> gradient cycle
 
 
 def test_a_monitor_must_be_a_monitor() -> None:

@@ -99,10 +99,10 @@ class Monitor:
       for a 0-d score);
     * ``grad_norm_before/<name>``, ``grad_norm_after/<name>``: the L2 norm over all of encoder
       ``<name>``'s parameters of the gradient this block's backward gave them, before and after
-      modulation (per tensor ``torch.linalg.vector_norm`` in float32, float64 for float64
-      gradients; the root of the sum of their squares; divided by the loss scale of a
-      ``grad_scaler`` given to the context; on each rank its local gradient, before DDP's
-      all-reduce). How they are obtained:
+      modulation (per tensor ``torch.linalg.vector_norm``, inside backward, in float32, or
+      float64 for float64 encoders; the root of the sum of their squares; divided by the loss
+      scale of a ``grad_scaler`` given to the context; on each rank its local gradient, before
+      DDP's all-reduce). How they are obtained:
 
       - parameter mode (gradient level): "before" is observed by a hook just before gradmod's
         scaling hook (what it receives); "after" is ``|k|`` times it (what a multiplication by

@@ -17,7 +17,6 @@ import warnings
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from _lightning_common import (
@@ -31,8 +30,8 @@ from _lightning_common import (
     max_diff,
     method_of,
     plain_run,
+    trainer,
 )
-from lightning.pytorch.plugins.precision import MixedPrecision
 
 import gradmod
 
@@ -43,32 +42,6 @@ SETTINGS = {
     "accumulate_grad_batches=2": Setting(accumulate=2),
     "gradient_clip_val=0.05": Setting(clip=0.05),
 }
-
-
-def trainer(
-    cb: gradmod.integrations.lightning.Modulation, s: Setting, epochs: int = 2
-) -> pl.Trainer:
-    plugins: list[MixedPrecision] = []
-    precision: dict[str, str] = {}
-    if s.precision == "fp16":
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-        plugins.append(MixedPrecision("16-mixed", "cpu", scaler=scaler))
-    elif s.precision == "bf16":
-        precision = {"precision": "bf16-mixed"}
-    return pl.Trainer(
-        callbacks=[cb],
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accumulate_grad_batches=s.accumulate,
-        gradient_clip_val=s.clip,
-        plugins=plugins or None,
-        **precision,  # type: ignore[arg-type]
-    )
 
 
 def row(label: str, cells: list[str]) -> None:

@@ -20,7 +20,7 @@ from ._errors import ConfigurationError, ContextError, StepError
 from ._forward import ForwardLink
 from ._groups import EncoderSpec, FusionSpec
 from ._hooks import CONFLICT, HookSet
-from ._protocol import Act, Method, Step, StepPlan, coefficient_dtype
+from ._protocol import Act, Method, Needs, Step, StepPlan, coefficient_dtype
 from ._steps import check_half, check_step, check_weight
 from ._update import UpdateLevel
 from ._validate import (
@@ -346,18 +346,7 @@ class ModulationContext:
                 "ctx.prepare belongs to the forward, before the block: call it outside "
                 "`with ctx(...)`, on an open context"
             )
-        step = check_step(
-            self.method,
-            self._binding,
-            self._watch,
-            features,
-            targets,
-            live=self._wiring.live_features(),
-            boundary=True,
-            reduce=self._reduce,
-            loss_scale=self._loss_scale,
-        )
-        step = self._ranks(step)
+        step = self._ranks(self._check(features, targets, boundary=True))
         return self._forward.prepare(self._binding, step, self._model)
 
     def __call__(
@@ -446,18 +435,8 @@ class ModulationContext:
                 self._update.restore()  # a step that raised left a scaled learning rate behind
             self._follow_device()
             feats: Mapping[str, Tensor] = features or {}
-            step = check_step(
-                self.method,
-                self._binding,
-                self._watch,
-                features,
-                targets,
-                live=self._wiring.live_features(),
-                boundary=boundary,
-                reduce=self._reduce,
-                loss_scale=self._loss_scale,
-                needs=self._needs,
-                weight=self._weight,
+            step = self._check(
+                features, targets, boundary=boundary, needs=self._needs, weight=self._weight
             )
             if self.mode == "feature" and not self._feature_checked and features is not None:
                 check_feature_graph(self._model, self._binding, features)
@@ -566,6 +545,30 @@ class ModulationContext:
         """``step`` with this process's rank and the number of ranks of the reduction."""
         group = self.process_group
         return dataclasses.replace(step, rank=_dist.rank(group), world=_dist.world_size(group))
+
+    def _check(
+        self,
+        features: Mapping[str, Tensor] | None,
+        targets: Tensor | None,
+        *,
+        boundary: bool,
+        needs: Needs | None = None,
+        weight: float = 1.0,
+    ) -> Step:
+        """This step's inputs as a :class:`Step` (see :func:`check_step`)."""
+        return check_step(
+            self.method,
+            self._binding,
+            self._watch,
+            features,
+            targets,
+            live=self._wiring.live_features(),
+            reduce=self._reduce,
+            loss_scale=self._loss_scale,
+            boundary=boundary,
+            needs=needs,
+            weight=weight,
+        )
 
     def _reduce(self, t: Tensor) -> Tensor:
         return _dist.reduce_sum(t, self.process_group)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -191,3 +192,33 @@ def max_diff(a: nn.Module, b: nn.Module) -> float:
 
 def fresh(net: Net) -> Net:
     return copy.deepcopy(net)
+
+
+def trainer(
+    cb: Modulation, setting: Setting | None = None, epochs: int = 2, **kw: object
+) -> pl.Trainer:
+    setting = setting if setting is not None else Setting()
+    plugins: list[MixedPrecision] = []
+    precision: str | None = None
+    if setting.precision == "fp16":
+        # explicit: on the CPU, precision="16-mixed" silently becomes bf16
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        plugins.append(MixedPrecision("16-mixed", "cpu", scaler=scaler))
+    elif setting.precision == "bf16":
+        precision = "bf16-mixed"
+    return pl.Trainer(
+        callbacks=[cb],
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accumulate_grad_batches=setting.accumulate,
+        gradient_clip_val=setting.clip,
+        plugins=plugins or None,
+        **({"precision": precision} if precision else {}),
+        **kw,  # type: ignore[arg-type]
+    )

@@ -22,43 +22,12 @@ from _lightning_common import (
     loader,
     max_diff,
     plain_run,
+    trainer,
 )
-from lightning.pytorch.plugins.precision import MixedPrecision
 
 import gradmod
-from gradmod.integrations.lightning import Modulation
 
 TOL = 1e-6
-
-
-def trainer(
-    cb: Modulation, setting: Setting | None = None, epochs: int = 2, **kw: object
-) -> pl.Trainer:
-    setting = setting if setting is not None else Setting()
-    plugins = []
-    precision: str | None = None
-    if setting.precision == "fp16":
-        # explicit: on the CPU, precision="16-mixed" silently becomes bf16
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-        plugins.append(MixedPrecision("16-mixed", "cpu", scaler=scaler))
-    elif setting.precision == "bf16":
-        precision = "bf16-mixed"
-    return pl.Trainer(
-        callbacks=[cb],
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accumulate_grad_batches=setting.accumulate,
-        gradient_clip_val=setting.clip,
-        plugins=plugins or None,
-        **({"precision": precision} if precision else {}),
-        **kw,  # type: ignore[arg-type]
-    )
 
 
 # Lightning's advice (workers, small datasets, log interval) and its use of torch APIs that

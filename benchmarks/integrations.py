@@ -17,18 +17,14 @@ import warnings
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
-import torch
-import torch.nn.functional as F
 from _lightning_common import (
     METHODS,
     Net,
     Setting,
     callback,
-    context_args,
     dataset,
     loader,
     max_diff,
-    method_of,
     plain_run,
     trainer,
 )
@@ -46,37 +42,6 @@ SETTINGS = {
 
 def row(label: str, cells: list[str]) -> None:
     print(f"| {label} | " + " | ".join(cells) + " |")
-
-
-def plain_scaler(method: str, scaler_used: bool, give: bool = True) -> Net:
-    """The plain loop with ``with ctx: scaler.scale(loss).backward()`` (or no scaler)."""
-    net = Net(method)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    heads = dict(net.heads.items()) if method != "ogm-ge" else None
-    args = context_args(method)
-    act = args.pop("act")
-    ctx = gradmod.ModulationContext(
-        net,
-        heads,
-        method=method_of(method),
-        optimizer=opt if act == "update" else None,
-        **args,  # type: ignore[arg-type]
-    )
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if scaler_used else None
-    if give:
-        ctx.grad_scaler = scaler
-    for xa, xb, y in loader(dataset()):
-        feats = net.features(xa, xb)
-        loss = F.cross_entropy(net.fuse(feats), y)
-        with ctx(feats, y):
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad()
-    return net
 
 
 def main() -> None:
@@ -104,12 +69,15 @@ def main() -> None:
     row("Lightning, resume from a checkpoint", cells)
     row(
         "plain loop, `with ctx: scaler.scale(loss).backward()` vs no scaler",
-        [f"{max_diff(plain_scaler(m, True), plain_scaler(m, False)):.1e}" for m in METHODS],
+        [
+            f"{max_diff(plain_run(m, Setting(scaler=True)), plain_run(m, Setting())):.1e}"
+            for m in METHODS
+        ],
     )
     cells = []
     for m in METHODS:
         try:
-            plain_scaler(m, True, give=False)
+            plain_run(m, Setting(scaler=True, give_scaler=False))
             cells.append("not detected (float32, gradient level, no optimizer=)")
         except gradmod.StepError:
             cells.append("StepError before the step")

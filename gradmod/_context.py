@@ -192,14 +192,7 @@ class ModulationContext:
                 active=lambda: (c := me()) is not None and c._plan is not None,
                 scaler=lambda: None if (c := me()) is None else c.grad_scaler,
             )
-        self._wiring = Wiring(
-            self._binding,
-            self._targets,
-            self._needs,
-            self.mode,
-            self._coeffs,
-            update=act == "update",
-        )
+        self._wiring = self._new_wiring()
         hooked = (
             [t for ts in self._targets.encoders.values() for t in ts]
             if cfg.needs.level == "encoders" and self.mode == "parameter" and act == "gradient"
@@ -521,7 +514,11 @@ class ModulationContext:
             return
         self._coeffs = torch.ones(len(self.names), device=device, dtype=coefficient_dtype(device))
         self._binding = dataclasses.replace(self._binding, device=device)
-        self._wiring = Wiring(
+        self._wiring = self._new_wiring()
+
+    def _new_wiring(self) -> Wiring:
+        """The block wiring over the current binding and coefficient tensor."""
+        return Wiring(
             self._binding,
             self._targets,
             self._needs,

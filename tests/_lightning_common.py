@@ -123,6 +123,8 @@ class Setting:
     precision: str | None = None  # None, "bf16", "fp16"
     accumulate: int = 1
     clip: float | None = None
+    scaler: bool = False  # a GradScaler on a float32 loss (fp16 always has one)
+    give_scaler: bool = True  # hand the scaler to the context (False: the user forgot)
 
 
 def batches(ds: TensorDataset, batch: int, epochs: int) -> Iterator[tuple[int, int, list[Tensor]]]:
@@ -153,8 +155,9 @@ def plain_run(
         act=None,
         **args,  # type: ignore[arg-type]
     )
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if setting.precision == "fp16" else None
-    ctx.grad_scaler = scaler
+    use_scaler = setting.precision == "fp16" or setting.scaler
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if use_scaler else None
+    ctx.grad_scaler = scaler if setting.give_scaler else None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setting.precision or "")
     n = setting.accumulate
     count = len(loader(ds, batch))

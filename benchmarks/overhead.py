@@ -42,13 +42,23 @@ Variants:
   monitor ("monitor cost" lines under the table: the median of the per-repetition ratio
   on / off, with its ~95 % CI).
 
-* ``... hand-written``: MLB and OGM-GE written inline in the training step as the official
-  scripts do (MLB: the heads' losses added to the loss, the coefficients computed inline and
-  every encoder gradient multiplied by ``k_m`` after backward; OGM-GE: logits off the head's
-  column blocks, coefficients and GE noise inline after backward, with gradmod's documented
-  random stream). Each is paired with gradmod's full step of the same method ("gradmod /
+* ``... hand-written``: MLB, OGM-GE, CGGM and AGM written inline in the training step as the
+  official scripts do, in plain torch (no gradmod call in the step), each computing what its
+  gradmod row computes (gradmod's defaults; where they differ from the official arithmetic the
+  hand-written row follows the default, and its docstring says where). MLB: the heads' losses
+  added to the loss, the coefficients computed inline and every encoder gradient multiplied by
+  ``k_m`` after backward; OGM-GE: logits off the head's column blocks, coefficients and GE
+  noise inline after backward, with gradmod's documented random stream; CGGM: the classifiers
+  on the detached features, their accuracy improvements, B and the direction loss inline (the
+  classifiers' losses and the direction loss join the fused loss: one backward), every encoder
+  gradient multiplied by ``rho * B_m`` after backward; AGM: the six masked head passes, the
+  three Shapley responses written out, scores and coefficients inline, and a tensor hook on
+  each response. Each is paired with gradmod's full step of the same method ("gradmod /
   hand-written" lines: the median of the per-repetition ratio, with its ~95 % CI); the test
   suite checks that both compute the same gradients.
+* ``OGM-GE without noise``: ``gradmod.OGMGE(ge=False)``, the OGM-GE full row without its GE
+  noise, paired with it ("OGM-GE noise cost" line: the median of the per-repetition ratio
+  full / without noise, with its ~95 % CI): the noise's own cost, measured in one run.
 
 ``--variants`` times a subset (short keys, see ``--help``; ``plain`` is always timed, as the
 reference of every ratio).
@@ -108,6 +118,14 @@ MLB_HAND = (
     "MLB hand-written (heads' losses and coefficients inline, encoder grads *= k after backward)"
 )
 OGM_HAND = "OGM-GE hand-written (logits, coefficients and GE noise inline after backward)"
+CGGM_HAND = (
+    "CGGM hand-written (classifiers, improvements and direction loss inline, "
+    "encoder grads *= rho*B after backward)"
+)
+AGM_HAND = (
+    "AGM hand-written (7 head passes, Shapley responses and coefficients inline, tensor hooks)"
+)
+OGM_NONOISE = "OGM-GE without noise (ge=False: logits off the head, coefficients only)"
 VARIANTS = (
     PLAIN,
     CONTROL,
@@ -126,6 +144,9 @@ VARIANTS = (
     UPDATE_FAST_MON,
     MLB_HAND,
     OGM_HAND,
+    CGGM_HAND,
+    AGM_HAND,
+    OGM_NONOISE,
 )
 #: ``--variants`` keys.
 KEYS = dict(
@@ -148,6 +169,9 @@ KEYS = dict(
             "update-fast+monitor",
             "mlb-hand",
             "ogm-hand",
+            "cggm-hand",
+            "agm-hand",
+            "ogm-nonoise",
         ),
         VARIANTS,
         strict=True,
@@ -156,11 +180,16 @@ KEYS = dict(
 #: Rows timed with a Monitor, and the row without it that each is paired with.
 MONITORED = {PARAM_MON: PARAM, FEATURE_MON: FEATURE, UPDATE_FAST_MON: UPDATE_FAST}
 #: gradmod's full step of a method, and the hand-written equivalent it is paired with.
-HANDWRITTEN = {MLB_FULL: MLB_HAND, OGM_FULL: OGM_HAND}
+HANDWRITTEN = {MLB_FULL: MLB_HAND, OGM_FULL: OGM_HAND, CGGM_FULL: CGGM_HAND, AGM_FULL: AGM_HAND}
+#: OGM-GE's full row, and the same row without its GE noise (the noise's own cost).
+NOISE = {OGM_FULL: OGM_NONOISE}
 #: The settings both sides of each pair use.
 MLB_ALPHA = 0.8
 OGM_ALPHA = 0.5
 OGM_SEED = 0
+CGGM_RHO = 1.3
+CGGM_LAM = 0.2
+AGM_ALPHA = 1.0
 
 
 # ------------------------------------------------------------------------------ coefficients
@@ -352,18 +381,12 @@ def make_variants(
 
     # (5) the full method: CGGM with classifiers and the direction loss
     def cggm_step() -> Callable[[Batch], None]:
-        m_cggm = fresh()
-        fused = m_cggm.head.in_features
-        # The direction loss compares each classifier's last weight matrix with the fusion
-        # head's, so each classifier ends in a layer of the head's shape (as in the official
-        # code).
-        classifiers = {
-            n: nn.Sequential(
-                nn.Linear(fused // len(NAMES), fused), nn.ReLU(), nn.Linear(fused, N_CLASSES)
-            ).to(device)
-            for n in NAMES
-        }
-        return method_step(m_cggm, gradmod.CGGM(rho=1.3, lam=0.2), heads=classifiers, fusion="head")
+        return method_step(
+            fresh(),
+            gradmod.CGGM(rho=CGGM_RHO, lam=CGGM_LAM),
+            heads=cggm_classifiers(base.head.in_features, device),
+            fusion="head",
+        )
 
     feat_dim = base.head.in_features // len(NAMES)
 
@@ -403,6 +426,12 @@ def make_variants(
         # what the official scripts write inline, paired with gradmod's full step
         MLB_HAND: lambda: mlb_hand_step(fresh(), mlb_heads()),
         OGM_HAND: lambda: ogm_hand_step(fresh()),
+        CGGM_HAND: lambda: cggm_hand_step(fresh(), cggm_classifiers(base.head.in_features, device)),
+        AGM_HAND: lambda: agm_hand_step(fresh()),
+        # the OGM-GE full row without its noise, paired with it ("noise cost" line)
+        OGM_NONOISE: lambda: method_step(
+            fresh(), gradmod.OGMGE(alpha=OGM_ALPHA, seed=OGM_SEED, ge=False), fusion="head"
+        ),
     }
     return [Variant(name, builders[name]()) for name in VARIANTS if name in selected]
 
@@ -460,10 +489,35 @@ def method_step(
     return step
 
 
-def agm_step(model: MultiModalNet, *, inputs_masked: bool) -> Callable[[Batch], None]:
-    """AGM on Shapley responses over masked features (head passes) or inputs (full passes)."""
-    ctx = gradmod.ModulationContext(model, encoders=PATHS, method=gradmod.AGM(alpha=1.0))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+def cggm_classifiers(fused: int, device: torch.device) -> dict[str, nn.Module]:
+    """The unimodal classifiers of both CGGM rows: the same initialisation (seeded).
+
+    The direction loss compares each classifier's last weight matrix with the fusion head's,
+    so each classifier ends in a layer of the head's shape (as in the official code).
+    """
+    torch.manual_seed(2)
+    return {
+        n: nn.Sequential(
+            nn.Linear(fused // len(NAMES), fused), nn.ReLU(), nn.Linear(fused, N_CLASSES)
+        ).to(device)
+        for n in NAMES
+    }
+
+
+def agm_step(
+    model: MultiModalNet,
+    *,
+    inputs_masked: bool,
+    method: gradmod.AGM | None = None,
+    make_opt: MakeOpt = adam,
+) -> Callable[[Batch], None]:
+    """AGM on Shapley responses over masked features (head passes) or inputs (full passes).
+
+    ``method``: the AGM instance (default ``AGM(alpha=AGM_ALPHA)``; the tests read its state).
+    """
+    method = method if method is not None else gradmod.AGM(alpha=AGM_ALPHA)
+    ctx = gradmod.ModulationContext(model, encoders=PATHS, method=method)
+    opt = make_opt(list(model.parameters()))
 
     def fuse(feats: dict[str, Tensor]) -> Tensor:
         return model.head(torch.cat([feats[n] for n in NAMES], dim=1))
@@ -573,6 +627,149 @@ def ogm_hand_step(
     return step
 
 
+def cggm_hand_step(
+    model: MultiModalNet,
+    classifiers: dict[str, nn.Module],
+    *,
+    rho: float = CGGM_RHO,
+    lam: float = CGGM_LAM,
+    make_opt: MakeOpt = adam,
+) -> Callable[[Batch], None]:
+    r"""CGGM written inline, in the official scripts' style, computing gradmod's DEFAULT
+    arithmetic (that of the ``cggm`` row, ``CGGM(rho, lam)``), not ``official=True``.
+
+    The official ``msatrain.py`` runs the classifiers on the detached encoder outputs, takes
+    each one's batch accuracy, its improvement :math:`\Delta_m` over the previous step and
+    :math:`B_m = (S - \Delta_m)/S` with :math:`S = \sum\Delta + 10^{-8}`, multiplies every
+    encoder gradient by :math:`\rho B_m` after backward, and adds :math:`\lambda L_{gm}`
+    (:math:`L_{gm} = \frac1M\sum_m (|B_m| - B_m\cos(u, v_m))`, :math:`u` the fusion head's
+    weight, :math:`v_m` classifier ``m``'s last weight) to the NEXT step's loss. This row keeps
+    that structure (detached classifier inputs, accuracies, grads scaled after backward, the
+    cosine of the flattened last weight matrices) but computes what the ``cggm`` row computes:
+    gradmod's documented default (README, "CGGM"): :math:`\Delta^+ = \max(\Delta, 0)`,
+    :math:`B = (S^+ - \Delta^+)/S^+` with every :math:`B_m = (M-1)/M` when
+    :math:`S^+ = \sum\Delta^+ \le 10^{-6}`, and the direction loss of THIS step (this step's
+    :math:`B`, :math:`v_m` constant) differentiated at this step's weights. So the classifiers
+    run before backward, and their losses and :math:`\lambda L_{gm}` join the fused loss: one
+    backward. The default is the pair's side because it is what the ``cggm`` row times (and the
+    README reports); ``CGGM(official=True)`` would pair with the official script's arithmetic
+    instead (the previous step's loss, kept as a graph), at the same cost in kind. No gradient
+    clipping on either side (the official script's ``clip_grad_norm_`` belongs to its loop,
+    not to the method; no row of this benchmark clips). Scores and :math:`B` in float64, as
+    gradmod's.
+    """
+    opt = make_opt(
+        [*model.parameters(), *(p for c in classifiers.values() for p in c.parameters())]
+    )
+    encoders = [list(model.get_submodule(PATHS[n]).parameters()) for n in NAMES]
+    clfs = [classifiers[n] for n in NAMES]
+    # each classifier's last weight matrix (the official code's 'out_layer.weight')
+    heads_w = [[p for p in c.parameters() if p.dim() >= 2][-1] for c in clfs]
+    u = model.head.weight
+    m = len(NAMES)
+    previous = torch.zeros(m, dtype=torch.float64, device=u.device)  # accuracies, step t-1
+
+    def step(batch: Batch) -> None:
+        xs, y = batch
+        logits, feats = model(xs)
+        outs = [c(feats[n].detach()) for n, c in zip(NAMES, clfs, strict=True)]
+        with torch.no_grad():
+            acc = torch.stack([(o.argmax(1) == y).double().mean() for o in outs])
+            delta = (acc - previous).clamp_min(0.0)
+            total = delta.sum()
+            b = torch.where(
+                total > 1e-6,
+                (total - delta) / total.clamp_min(1e-6),
+                torch.full_like(delta, (m - 1) / m),
+            )
+            previous.copy_(acc)
+            bw = b.to(u.dtype)
+            k = (rho * b).to(u.dtype).unbind()
+        flat_u = u.flatten()
+        cos = torch.stack(
+            [F.cosine_similarity(flat_u, v.detach().flatten(), dim=0) for v in heads_w]
+        )
+        l_gm = (bw.abs() - bw * cos).mean()
+        loss = F.cross_entropy(logits, y) + sum(F.cross_entropy(o, y) for o in outs) + lam * l_gm
+        loss.backward()
+        for ps, km in zip(encoders, k, strict=True):
+            for p in ps:
+                if p.grad is not None:
+                    p.grad *= km
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def agm_hand_step(
+    model: MultiModalNet, *, alpha: float = AGM_ALPHA, make_opt: MakeOpt = adam
+) -> Callable[[Batch], None]:
+    r"""AGM written inline, as the official three-modality script (URFunny) does, computing
+    gradmod's DEFAULT rule (that of the ``agm`` row, ``AGM(alpha)``), not ``official=True``.
+
+    As officially: the fusion head on every coalition of the features, missing ones zeroed
+    (the six masked passes in eval mode), each modality's Shapley response written out for
+    three modalities (the empty coalition worth 0), :math:`s_m` the mean negative
+    log-likelihood of response ``m``, :math:`r_m = e^{\text{mean}_{j\ne m}s_j - s_m}`,
+    :math:`\bar r_m` the same from the running means of the previous steps (0 at the first),
+    :math:`k_m = e^{\alpha(\bar r_m - r_m)}` and the gradient flowing into response ``m``
+    multiplied by :math:`k_m` (a tensor hook, where the official model has a module backward
+    hook). gradmod's default differs from the official rule in two documented places (README,
+    "AGM"), written here as gradmod computes them: the exponent's argument clamped to
+    :math:`[-1, 1]` (official: :math:`\le 7` only) and the score floored,
+    :math:`-\log\max(p, 10^{-8})` (official, three modalities: no floor). The default is the
+    pair's side because it is what the ``agm`` row times; the difference in cost is one clamp.
+    Scores in float64, as gradmod's. The forward is the ``agm`` row's (``model(xs)``, whose
+    fused logits are unused, then the head passes), so both rows do the same model work.
+    """
+    opt = make_opt(list(model.parameters()))
+    head = model.head
+    assert len(NAMES) == 3, "the Shapley responses below are written out for three modalities"
+    running = torch.zeros(3, dtype=torch.float64, device=head.weight.device)
+    counter = [0]
+    log_floor = math.log(1e-8)
+
+    def step(batch: Batch) -> None:
+        xs, y = batch
+        _, feats = model(xs)
+        a, v, t = (feats[n] for n in NAMES)
+        za, zv, zt = torch.zeros_like(a), torch.zeros_like(v), torch.zeros_like(t)
+        full = head(torch.cat([a, v, t], 1))
+        head.eval()
+        no_a = head(torch.cat([za, v, t], 1))
+        no_v = head(torch.cat([a, zv, t], 1))
+        no_t = head(torch.cat([a, v, zt], 1))
+        only_a = head(torch.cat([a, zv, zt], 1))
+        only_v = head(torch.cat([za, v, zt], 1))
+        only_t = head(torch.cat([za, zv, t], 1))
+        head.train()
+        phi = [
+            (full - no_a + only_a) / 3 + (no_t - only_v + no_v - only_t) / 6,
+            (full - no_v + only_v) / 3 + (no_t - only_a + no_a - only_t) / 6,
+            (full - no_t + only_t) / 3 + (no_v - only_a + no_a - only_v) / 6,
+        ]
+        with torch.no_grad():
+            s = torch.stack(
+                [
+                    -F.log_softmax(p.double(), 1).gather(1, y[:, None]).clamp_min(log_floor).mean()
+                    for p in phi
+                ]
+            )
+            r = torch.exp((s.sum() - s) / 2 - s)
+            r_bar = torch.exp((running.sum() - running) / 2 - running)
+            k = torch.exp(alpha * (r_bar - r).clamp(-1.0, 1.0)).to(phi[0].dtype).unbind()
+            counter[0] += 1
+            running.mul_((counter[0] - 1) / counter[0]).add_(s / counter[0])
+        for p, km in zip(phi, k, strict=True):
+            p.register_hook(lambda g, km=km: g * km)
+        F.cross_entropy(phi[0] + phi[1] + phi[2], y).backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
 # ---------------------------------------------------------------------------------- measuring
 def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
     if len(xs) == 1:
@@ -657,7 +854,8 @@ def run_model(
         q1, med, q3 = quartiles(ratios)
         ci = median_ci(ratios)
         rows.append(Row(v.name, statistics.median(v.times) * 1e3, med, q1, q3, ci))
-    return rows, n_params, elapsed, monitor_lines(variants) + hand_lines(variants)
+    lines = monitor_lines(variants) + hand_lines(variants) + noise_lines(variants)
+    return rows, n_params, elapsed, lines
 
 
 def monitor_lines(variants: Sequence[Variant]) -> list[str]:
@@ -689,6 +887,24 @@ def hand_lines(variants: Sequence[Variant]) -> list[str]:
             lines.append(
                 f"gradmod / hand-written, {full.split(' (')[0]}: {med:.4f} "
                 f"({(med - 1) * 100:+.2f} %), 95 % CI [{lo:.4f}, {hi:.4f}]"
+            )
+    return lines
+
+
+def noise_lines(variants: Sequence[Variant]) -> list[str]:
+    """OGM-GE's noise's own cost: the full row paired with the same row without the noise
+    (the median of full / without noise per repetition, with its ~95 % CI)."""
+    times = {v.name: v.times for v in variants}
+    lines = []
+    for full, quiet in NOISE.items():
+        if full in times and quiet in times:
+            ratios = [a / b for a, b in zip(times[full], times[quiet], strict=True)]
+            lo, hi = median_ci(ratios)
+            med = statistics.median(ratios)
+            lines.append(
+                f"{full.split(' ')[0]} noise cost: {full.split(' (')[0]} / "
+                f"{quiet.split(' (')[0]} {med:.4f} ({(med - 1) * 100:+.2f} %), "
+                f"95 % CI [{lo:.4f}, {hi:.4f}]"
             )
     return lines
 

@@ -56,6 +56,10 @@ def test_tiny_run_prints_every_variant_with_finite_positive_ratios(
             assert math.isfinite(x) and x > 0
         assert r.q1 <= r.ratio <= r.q3
     assert rows_mlp[0].ratio == 1.0  # plain against itself
+    # the paired lines under the table: each hand-written pair, and OGM-GE's noise cost
+    for full in bench.HANDWRITTEN:
+        assert f"gradmod / hand-written, {full.split(' (')[0]}: " in out, out
+    assert "OGM-GE noise cost: OGM-GE full / OGM-GE without noise " in out, out
 
 
 class _Recorder(torch.optim.Optimizer):
@@ -77,7 +81,12 @@ class _Recorder(torch.optim.Optimizer):
         )
 
 
-@pytest.mark.parametrize("method", ["mlb", "ogm-ge"])
+#: The AGM pair's head is scaled up so that the responses are far apart and sharp: the default
+#: rule's clamp of r_bar - r to [-1, 1] and its score floor p >= 1e-8 both bind (checked).
+AGM_HEAD_GAIN = 60.0
+
+
+@pytest.mark.parametrize("method", ["mlb", "ogm-ge", "cggm", "agm"])
 def test_hand_written_rows_compute_gradmods_gradients(method: str) -> None:
     """Each hand-written row and gradmod's full step of the same method give every parameter
     (the model's and the heads') the same gradient, step after step: the timed comparison is
@@ -87,6 +96,10 @@ def test_hand_written_rows_compute_gradmods_gradients(method: str) -> None:
     spec = bench.build_spec("mlp", args)
     torch.manual_seed(0)
     base = spec.build()
+    if method == "agm":
+        # a sharper head (AGM_HEAD_GAIN), so that the clamp and the floor are compared too
+        with torch.no_grad():
+            base.head.weight.mul_(AGM_HEAD_GAIN)
     models = [copy.deepcopy(base), copy.deepcopy(base)]
     opts: list[_Recorder] = []
 
@@ -94,6 +107,7 @@ def test_hand_written_rows_compute_gradmods_gradients(method: str) -> None:
         opts.append(_Recorder(params))
         return opts[-1]
 
+    named = [dict(models[0].named_parameters()), dict(models[1].named_parameters())]
     if method == "mlb":
         torch.manual_seed(1)
         heads = {n: torch.nn.Linear(8, bench.N_CLASSES) for n in bench.NAMES}
@@ -108,30 +122,73 @@ def test_hand_written_rows_compute_gradmods_gradients(method: str) -> None:
             ),
             bench.mlb_hand_step(models[1], twins, make_opt=make_opt),
         ]
-        named = [
-            {**dict(models[0].named_parameters()), **_head_params(heads)},
-            {**dict(models[1].named_parameters()), **_head_params(twins)},
-        ]
-    else:
+        named = [{**named[0], **_head_params(heads)}, {**named[1], **_head_params(twins)}]
+    elif method == "ogm-ge":
         ogm = gradmod.OGMGE(alpha=bench.OGM_ALPHA, seed=bench.OGM_SEED)
         steps = [
             bench.method_step(models[0], ogm, fusion="head", make_opt=make_opt),
             bench.ogm_hand_step(models[1], make_opt=make_opt),
         ]
-        named = [dict(models[0].named_parameters()), dict(models[1].named_parameters())]
+    elif method == "cggm":
+        heads = bench.cggm_classifiers(base.head.in_features, torch.device("cpu"))
+        twins = copy.deepcopy(heads)
+        cggm = gradmod.CGGM(rho=bench.CGGM_RHO, lam=bench.CGGM_LAM)
+        steps = [
+            bench.method_step(models[0], cggm, heads=heads, fusion="head", make_opt=make_opt),
+            bench.cggm_hand_step(models[1], twins, make_opt=make_opt),
+        ]
+        named = [{**named[0], **_head_params(heads)}, {**named[1], **_head_params(twins)}]
+    else:
+        agm = gradmod.AGM(alpha=bench.AGM_ALPHA)
+        steps = [
+            bench.agm_step(models[0], inputs_masked=False, method=agm, make_opt=make_opt),
+            bench.agm_hand_step(models[1], make_opt=make_opt),
+        ]
     g = torch.Generator().manual_seed(3)
-    for _ in range(3):
-        xs = [torch.randn(16, *s, generator=g) for s in spec.input_shapes]
-        y = torch.randint(0, bench.N_CLASSES, (16,), generator=g)
+    batches = [
+        (
+            [torch.randn(16, *s, generator=g) for s in spec.input_shapes],
+            torch.randint(0, bench.N_CLASSES, (16,), generator=g),
+        )
+        for _ in range(3)
+    ]
+    # the third step repeats the second batch: with the recorder nothing moves, so CGGM's
+    # accuracies do not change (its no-improvement branch); the other steps improve on zero
+    # or on the previous batch
+    schedule = [batches[0], batches[1], batches[1], batches[2]]
+    n_steps = len(schedule)
+    seen: list[torch.Tensor] = []
+    for batch in schedule:
         for step in steps:
-            step((xs, y))
-    assert len(opts[0].seen) == len(opts[1].seen) == 3
+            step(batch)
+        if method == "cggm":
+            seen.append(cggm.last_b.clone())
+        elif method == "agm":
+            seen.append(agm.last_coefficients.clone())
+    assert len(opts[0].seen) == len(opts[1].seen) == n_steps
     for got, want in zip(opts[0].seen, opts[1].seen, strict=True):
         assert len(got) == len(want) == len(named[0])
         for name, p in named[0].items():
             torch.testing.assert_close(
                 got[id(p)], want[id(named[1][name])], rtol=1e-5, atol=1e-6, msg=name
             )
+    if method == "cggm":
+        # both branches of the default were compared: improvements (unequal B) and none
+        # (every B = (M-1)/M)
+        flat = [torch.allclose(b, torch.full_like(b, 2 / 3)) for b in seen]
+        assert flat[2] and not all(flat), seen
+    elif method == "agm":
+        # the clamp of r_bar - r to [-1, 1] bound (|log k| = alpha) and did not (|log k| < alpha)
+        logk = torch.cat(seen).log().abs() / bench.AGM_ALPHA
+        assert (logk > 1 - 1e-9).any() and (logk < 1 - 1e-3).any(), seen
+        # and the score floor bound: some true-class probability of a response is below 1e-8
+        xs, y = batches[0]
+        _, feats = base(xs)
+        phi = gradmod.functional.shapley_responses(
+            lambda f: base.head(torch.cat([f[n] for n in bench.NAMES], 1)), feats
+        )
+        logp = torch.stack([torch.log_softmax(r, 1).gather(1, y[:, None]) for r in phi.values()])
+        assert logp.min() < math.log(1e-8), logp.min()
 
 
 def _head_params(heads: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:

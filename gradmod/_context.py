@@ -339,7 +339,7 @@ class ModulationContext:
                 "ctx.prepare belongs to the forward, before the block: call it outside "
                 "`with ctx(...)`, on an open context"
             )
-        step = self._ranks(self._check(features, targets, boundary=True))
+        step = self._check(features, targets, boundary=True)
         return self._forward.prepare(self._binding, step, self._model)
 
     def __call__(
@@ -436,7 +436,6 @@ class ModulationContext:
                 self._feature_checked = True
             if HookSet.held_elsewhere(self._members):
                 raise ContextError(CONFLICT)
-            step = self._ranks(step)
             step, consume_forward = self._forward.take(step, self._model)
             plan = self.method.plan(self._binding, step)
             self._set_coefficients(plan)
@@ -467,6 +466,7 @@ class ModulationContext:
             return
         try:
             hooks = self._wiring.hooks
+            hooks.finish()  # parameter gradients scaled on leaving (HookSet.defer)
             missed, scaled = hooks.missed(), hooks.scaled_any()
             hooks.release()
             if exc_type is not None:
@@ -538,11 +538,6 @@ class ModulationContext:
         # Defensive: a non-finite coefficient never reaches a gradient (1 = untouched).
         self._coeffs.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
 
-    def _ranks(self, step: Step) -> Step:
-        """``step`` with this process's rank and the number of ranks of the reduction."""
-        group = self.process_group
-        return dataclasses.replace(step, rank=_dist.rank(group), world=_dist.world_size(group))
-
     def _check(
         self,
         features: Mapping[str, Tensor] | None,
@@ -552,7 +547,9 @@ class ModulationContext:
         needs: Needs | None = None,
         weight: float = 1.0,
     ) -> Step:
-        """This step's inputs as a :class:`Step` (see :func:`check_step`)."""
+        """This step's inputs as a :class:`Step` (see :func:`check_step`), with this process's
+        rank and the number of ranks of the reduction."""
+        group = self.process_group
         return check_step(
             self.method,
             self._binding,
@@ -565,6 +562,8 @@ class ModulationContext:
             boundary=boundary,
             needs=needs,
             weight=weight,
+            rank=_dist.rank(group),
+            world=_dist.world_size(group),
         )
 
     def _reduce(self, t: Tensor) -> Tensor:

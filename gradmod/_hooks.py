@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import math
@@ -30,16 +31,21 @@ _HOOK_DICT = operator.attrgetter("_backward_hooks")
 _GRAD_FN = operator.attrgetter("grad_fn")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _DTYPE = operator.attrgetter("dtype")
+_GRAD = operator.attrgetter("grad")
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_POST_ACCUMULATE = operator.attrgetter("_post_accumulate_grad_hooks")
 
 
 def _identity(grad: Tensor) -> Tensor:
     return grad
 
 
-def _claimed(grad: Tensor) -> None:
-    """The marker of a parameter claimed without a hook of its own (feature or response level):
-    returning ``None`` leaves the gradient as it is."""
-    return None
+def _claim_marker() -> Callable[[Tensor], None]:
+    """A marker for a tensor claimed without a hook of its own: a C-level callable that takes
+    the gradient and returns ``None`` (which leaves the gradient as it is), keeping nothing
+    (a deque of length 0): no Python frame per gradient."""
+    sink: collections.deque[Tensor] = collections.deque(maxlen=0)
+    return sink.append
 
 
 def _leaf_hooks(t: Tensor) -> dict[object, Callable[[Tensor], Tensor | None]] | None:
@@ -234,6 +240,11 @@ class HookSet:
             tuple[object, list[Tensor], list[Callable[[Tensor], Tensor]], list[torch.dtype]] | None
         ) = None
         self._observers: list[tuple[dict[object, Callable[[Tensor], Tensor | None]], object]] = []
+        self._marker = _claim_marker()
+        # the tensors scaled when the block is left instead of by hooks (:meth:`defer`)
+        self._deferred: Mapping[int, Sequence[Tensor]] | None = None
+        # the deferred tensors in one list, and the factor of each (by its dtype)
+        self._flat: tuple[object, list[Tensor], list[Tensor]] | None = None
 
     # --------------------------------------------------------------------------- registering
     def _put(self, t: Tensor, fn: Callable[[Tensor], Tensor | None]) -> None:
@@ -282,7 +293,79 @@ class HookSet:
 
     def claim(self, tensors: Sequence[Tensor]) -> None:
         """Mark ``tensors`` as held by this context without changing their gradients."""
-        self._put_many(tensors, [_claimed] * len(tensors))
+        self._put_many(tensors, [self._marker] * len(tensors))
+
+    def defer(self, tensors: Mapping[int, Sequence[Tensor]]) -> bool:
+        """Scale the gradients of ``tensors`` (modality -> leaf tensors, the same mapping at
+        every step) when the block is left (:meth:`finish`) instead of by a hook per tensor,
+        where that is exact: every tensor is a leaf without a gradient yet (``zero_grad()``
+        sets them to ``None``), so the gradient it holds on leaving is the block's own. Claims
+        them (a C-level marker: no Python frame per gradient) and returns ``True``; returns
+        ``False``, registering nothing, where a tensor already holds a gradient (an earlier
+        micro-batch of an accumulation window) or has a post-accumulate-grad hook (which must
+        see the modulated gradient, e.g. an optimizer stepped in backward): then
+        :meth:`scale` hooks them.
+
+        One ``foreach`` multiply per modality and dtype replaces a Python hook call and a new
+        tensor per gradient (~10 % of a 2 ms step on a small model).
+        """
+        cached = self._flat
+        if cached is None or cached[0] is not tensors:
+            flat = [t for ts in tensors.values() for t in ts]
+            cached = self._flat = (tensors, flat, self._factors(tensors))
+        flat = cached[1]
+        if (
+            not all(map(operator.is_, map(_GRAD, flat), itertools.repeat(None)))
+            or any(map(_GRAD_FN, flat))
+            or any(map(_POST_ACCUMULATE, flat))  # they must see the modulated gradient
+        ):
+            return False
+        self._scaled[:] = [False] * len(self._views)
+        if self._low is not None:
+            self._low.copy_(self._coeffs)
+        self._put_many(flat, [self._marker] * len(flat))
+        self._deferred = tensors
+        return True
+
+    def finish(self) -> None:
+        """Multiply the gradients that the deferred tensors received in the block by their
+        modality's coefficient (:meth:`defer`), in place: the same product, bit for bit, as the
+        hook (a float32 view for float32 and half gradients). Runs once, also when the block
+        raised (as the hooks would have scaled what reached them)."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is None or self._flat is None:
+            return
+        _, flat, factors = self._flat
+        grads = list(map(_GRAD, flat))
+        if (
+            all(map(operator.is_not, grads, itertools.repeat(None)))
+            and list(map(_DTYPE, grads)) == list(map(_DTYPE, flat))
+            and not any(map(_REQUIRES_GRAD, grads))
+            and not any(map(_IS_SPARSE, grads))
+        ):  # the common case: one C++ loop over every gradient (none is in a graph)
+            torch._foreach_mul_(grads, factors)
+            self._scaled[:] = [bool(ts) for ts in deferred.values()]
+            return
+        for m, ts in deferred.items():
+            for t in ts:
+                g = t.grad
+                if g is None:
+                    continue
+                self._scaled[m] = True
+                k = self._views[m] if g.dtype == torch.float64 else self._low_views[m]
+                if g.is_sparse or g.requires_grad:  # out of place: keeps the graph
+                    t.grad = (g * k).to(g.dtype)
+                else:
+                    g.mul_(k)
+
+    def _factors(self, tensors: Mapping[int, Sequence[Tensor]]) -> list[Tensor]:
+        """The 0-d factor of each tensor's gradient: a view of the coefficients (of their
+        float32 copy for float32 and half tensors)."""
+        return [
+            self._views[m] if t.dtype == torch.float64 else self._low_views[m]
+            for m, ts in tensors.items()
+            for t in ts
+        ]
 
     def inject(
         self, injections: Sequence[Injection], loss_scale: LossScale, weight: float = 1.0
@@ -384,6 +467,7 @@ class HookSet:
         return [w for w, f in zip(self._what, self._fired, strict=True) if not f]
 
     def release(self) -> None:
+        self._deferred = None
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -27,6 +27,8 @@ def check_step(
     loss_scale: LossScale,
     needs: Needs | None = None,
     weight: float = 1.0,
+    rank: int = 0,
+    world: int = 1,
 ) -> Step:
     """This step's inputs as a :class:`Step`, or a ``StepError`` listing every problem (the
     encoders' identity, the targets, the features, the method's own step checks). ``needs``:
@@ -40,7 +42,16 @@ def check_step(
     step = None
     if not problems:
         assert targets is not None
-        step = Step(features or {}, targets, reduce, boundary, loss_scale, weight=weight)
+        step = Step(
+            features or {},
+            targets,
+            reduce,
+            boundary,
+            loss_scale,
+            rank=rank,
+            world=world,
+            weight=weight,
+        )
         problems.extend(method.check_step(binding, step))
     if problems:
         raise StepError("; ".join(problems))

@@ -110,7 +110,9 @@ class Wiring:
             tensors = self._encoder_tensors()
             if plan.combine is not None:
                 self._block = [[None] * len(ts) for ts in tensors.values()]
-            hooks.scale(tensors, plan.transform, self._block, reuse=True)
+            plain = plan.transform is None and plan.combine is None and monitor is None
+            if not (plain and hooks.defer(tensors)):
+                hooks.scale(tensors, plan.transform, self._block, reuse=True)
         elif not self.update:  # feature mode, or responses
             hooks.scale({m: [features[n]] for m, n in enumerate(self.binding.names)}, None)
         hooks.extra(plan.hooks)

@@ -1,0 +1,268 @@
+"""The fused hot paths: parameter-mode scaling when the block is left, and OGM-GE's noise drawn
+ahead on a thread. Each must give what the plain path gives, bit for bit, and fall back to it
+wherever it would not be exact."""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _models import (
+    F64,
+    NAMES,
+    FixedMethod,
+    batch,
+    grads,
+    loss_of,
+    make_model,
+    modality_of,
+    plain_grads,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from settings import ATOL, DEVICE, DTYPE, RTOL
+from torch import Tensor, nn
+
+import gradmod
+from gradmod._hooks import HookSet  # the path taken is internal: the tests check both run
+
+K = [0.5, 2.0, -1.5]
+ENCODERS = {n: f"enc.{n}" for n in NAMES}
+
+
+def _block(
+    model: nn.Module, ctx: gradmod.ModulationContext, *, set_to_none: bool, **backward: bool
+) -> bool:
+    """One block on the suite's batch; returns whether the scaling was deferred to the exit."""
+    xs, y = batch(dtype=next(model.parameters()).dtype)
+    loss, feats = loss_of(model, xs, y)  # type: ignore[arg-type]
+    if not set_to_none:  # gradients present before the block: the hook path
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+    with ctx(features=feats, targets=y):
+        deferred = ctx._wiring.hooks._deferred is not None
+        loss.backward(**backward)
+    return deferred
+
+
+@pytest.mark.parametrize("dtype", [DTYPE, torch.bfloat16], ids=str)
+def test_scaling_on_leaving_equals_the_hooks_bit_for_bit(dtype: torch.dtype) -> None:
+    """The gradient scaled in place on leaving the block is the hook's product exactly, and
+    both are ``k_m`` times the float64 gradient."""
+    base = make_model(dtype=dtype)
+    runs = {}
+    for set_to_none in (True, False):
+        model = copy.deepcopy(base)
+        ctx = gradmod.ModulationContext(model, encoders=ENCODERS, method=FixedMethod([K]))
+        assert _block(model, ctx, set_to_none=set_to_none) is set_to_none
+        runs[set_to_none] = grads(model)
+    for name, g in runs[True].items():
+        assert g is not None and torch.equal(g, runs[False][name]), name
+    ref = plain_grads(base, *batch())
+    for name, g in runs[True].items():
+        m = modality_of(name)
+        want = ref[name] * (K[NAMES.index(m)] if m else 1.0)
+        assert g is not None
+        rtol, atol = (RTOL, ATOL) if dtype == DTYPE else (2e-2, 2e-2)
+        torch.testing.assert_close(g.double().cpu(), want, rtol=rtol, atol=atol)
+
+
+def test_a_post_accumulate_grad_hook_sees_the_modulated_gradient() -> None:
+    """An optimizer stepped in backward (a post-accumulate-grad hook) must read the modulated
+    gradient: such a tensor keeps the hook path."""
+    model = make_model()
+    ctx = gradmod.ModulationContext(model, encoders=ENCODERS, method=FixedMethod([K]))
+    seen: dict[str, Tensor] = {}
+    handles = [
+        p.register_post_accumulate_grad_hook(
+            lambda t, name=name: seen.__setitem__(name, t.grad.detach().clone())  # type: ignore[union-attr,misc]
+        )
+        for name, p in model.named_parameters()
+    ]
+    assert not _block(model, ctx, set_to_none=True)
+    for h in handles:
+        h.remove()
+    ref = plain_grads(model, *batch())
+    for name, g in seen.items():
+        m = modality_of(name)
+        want = ref[name] * (K[NAMES.index(m)] if m else 1.0)
+        torch.testing.assert_close(g.double().cpu(), want, rtol=RTOL, atol=ATOL)
+    assert len(seen) == len(ref)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_create_graph_keeps_the_modulated_gradient_differentiable() -> None:
+    """``backward(create_graph=True)`` inside a deferred block: the gradient is replaced out of
+    place (``k g``, still in the graph), so a gradient penalty differentiates ``k g``."""
+    model = make_model(dtype=F64)
+    ctx = gradmod.ModulationContext(model, encoders=ENCODERS, method=FixedMethod([K]))
+    assert _block(model, ctx, set_to_none=True, create_graph=True)
+    w = model.enc["b"][0].weight
+    assert w.grad is not None and w.grad.requires_grad
+    (penalty_grad,) = torch.autograd.grad(w.grad.square().sum(), w)
+    ref = copy.deepcopy(make_model(dtype=F64))
+    ref.load_state_dict(model.state_dict())
+    loss, _ = loss_of(ref, *batch(dtype=F64))  # type: ignore[arg-type]
+    rw = ref.enc["b"][0].weight
+    (g,) = torch.autograd.grad(loss, rw, create_graph=True)
+    (want,) = torch.autograd.grad((K[1] * g).square().sum(), rw)
+    torch.testing.assert_close(w.grad.detach(), K[1] * g.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(penalty_grad, want, rtol=1e-10, atol=1e-12)
+    model.zero_grad(set_to_none=True)  # breaks the parameter <-> gradient cycle
+
+
+def test_a_block_that_raises_after_backward_leaves_no_claim_and_scales_what_arrived() -> None:
+    """As with the hooks (which scale each gradient as it arrives), what reached ``.grad`` is
+    scaled; the claims are gone, so the next block runs."""
+    model = make_model()
+    ctx = gradmod.ModulationContext(model, encoders=ENCODERS, method=FixedMethod([K]))
+    xs, y = batch()
+    loss, feats = loss_of(model, xs, y)  # type: ignore[arg-type]
+    with pytest.raises(KeyError), ctx(features=feats, targets=y):
+        loss.backward()
+        raise KeyError("after backward")
+    assert not HookSet.held_elsewhere([p for p in model.parameters()])
+    ref = plain_grads(model, xs, y)
+    for name, g in grads(model).items():
+        m = modality_of(name)
+        want = ref[name] * (K[NAMES.index(m)] if m else 1.0)
+        assert g is not None
+        torch.testing.assert_close(g.double().cpu(), want, rtol=RTOL, atol=ATOL)
+
+
+# ------------------------------------------------------------------------- OGM-GE draw-ahead
+class Wide(nn.Module):
+    """Modality ``a`` above the draw-ahead threshold (2^18 elements), ``b`` below it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(600, 480), nn.ReLU(), nn.Linear(480, 8))
+        self.b = nn.Linear(6, 8)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, xa: Tensor, xb: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        f = {"a": self.a(xa), "b": self.b(xb)}
+        return self.head(torch.cat([f["a"], f["b"]], 1)), f
+
+
+def _ogm_run(
+    base: Wide, *, draw_ahead: bool, steps: int, resume_at: int | None = None
+) -> tuple[list[Tensor], gradmod.ModulationContext]:
+    model = copy.deepcopy(base).to(DEVICE)
+    g = torch.Generator().manual_seed(3)
+    data = [
+        (torch.randn(16, 600, generator=g), torch.randn(16, 6, generator=g), i % 3)
+        for i in range(steps)
+    ]
+
+    def context() -> gradmod.ModulationContext:
+        method = gradmod.OGMGE(alpha=0.5, seed=7, draw_ahead=draw_ahead, window=None)
+        return gradmod.ModulationContext(
+            model, encoders={"a": "a", "b": "b"}, method=method, fusion="head"
+        )
+
+    ctx = context()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for i, (xa, xb, shift) in enumerate(data):
+        if resume_at is not None and i == resume_at:  # a new context from the saved state
+            state = ctx.state_dict()
+            ctx.close()
+            ctx = context()
+            ctx.load_state_dict(state)
+        y = (torch.arange(16) + shift) % 3
+        out, f = model(xa.to(DEVICE), xb.to(DEVICE))
+        with ctx(features=f, targets=y.to(DEVICE)):
+            F.cross_entropy(out, y.to(DEVICE)).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()], ctx
+
+
+def test_noise_drawn_ahead_is_the_noise_drawn_in_backward() -> None:
+    torch.manual_seed(0)
+    base = Wide()
+    ahead, ctx = _ogm_run(base, draw_ahead=True, steps=4)
+    inline, _ = _ogm_run(base, draw_ahead=False, steps=4)
+    for a, b in zip(ahead, inline, strict=True):
+        assert torch.equal(a, b)
+    if DEVICE.type == "cpu":  # the large modality's next draw is under way (CPU only)
+        method = ctx.method
+        assert isinstance(method, gradmod.OGMGE)
+        assert len(method._ahead._running) == 1
+    # a resumed run (a new context, the state loaded) draws the same noise
+    resumed, _ = _ogm_run(base, draw_ahead=True, steps=4, resume_at=2)
+    for a, b in zip(resumed, inline, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_method_with_noise_drawn_ahead_copies_and_pickles_without_it() -> None:
+    torch.manual_seed(0)
+    _, ctx = _ogm_run(Wide(), draw_ahead=True, steps=2)
+    method = ctx.method
+    assert isinstance(method, gradmod.OGMGE)
+    for clone in (copy.deepcopy(method), pickle.loads(pickle.dumps(method))):
+        assert isinstance(clone, gradmod.OGMGE)
+        assert not clone._ahead._running
+        assert torch.equal(clone.noise_steps, method.noise_steps)
+    method.reset()
+    assert not method._ahead._running
+
+
+def test_draw_ahead_must_be_a_bool() -> None:
+    with pytest.raises(gradmod.ConfigurationError, match="draw_ahead must be True or False"):
+        gradmod.OGMGE(draw_ahead="yes")  # type: ignore[arg-type]
+
+
+def test_scaling_deferred_is_used_for_a_float64_model_too() -> None:
+    """float64 gradients are multiplied by the float64 coefficients (no float32 copy)."""
+    model = make_model(dtype=F64)
+    ctx = gradmod.ModulationContext(model, encoders=ENCODERS, method=FixedMethod([K]))
+    assert _block(model, ctx, set_to_none=True)
+    ref = plain_grads(model, *batch(dtype=F64))
+    for name, g in grads(model).items():
+        m = modality_of(name)
+        want = ref[name] * (K[NAMES.index(m)] if m else 1.0)
+        assert g is not None
+        torch.testing.assert_close(g.cpu(), want, rtol=1e-12, atol=1e-14)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    mean=st.floats(-1e3, 1e3, allow_nan=False),
+    scale=st.floats(1e-6, 1e3, allow_nan=False),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_one_pass_std_is_the_two_pass_std(
+    mean: float, scale: float, seed: int, dtype: torch.dtype
+) -> None:
+    """The noise's std in one pass is within 2e-5 relative (float32; 1e-9 for float64) of the
+    float64 std of the same numbers where the variance is at least a fifth of the mean square; where the mean dominates
+    (below a twentieth) it is torch's two-pass std, exactly."""
+    from gradmod.methods._ogm import _ONE_PASS_MIN, _std_value
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(_ONE_PASS_MIN + 7, generator=g, dtype=F64) * scale + mean).to(dtype)
+    x64 = x.double()
+    want = x64.std().item()
+    spread = want**2 / x64.square().mean().item()
+    if spread >= 0.2:
+        tol = 1e-9 if dtype == F64 else 2e-5  # float32: the reductions' own rounding
+        assert math.isclose(_std_value(x), want, rel_tol=tol)
+    elif spread < 0.05:
+        assert _std_value(x) == float(x.std())
+
+
+def test_std_of_one_number_or_of_non_finite_gradients_is_zero() -> None:
+    from gradmod.methods._ogm import _ONE_PASS_MIN, _std_value
+
+    assert _std_value(torch.ones(1)) == 0.0
+    big = torch.randn(_ONE_PASS_MIN)
+    big[3] = math.inf
+    assert _std_value(big) == 0.0
+    big[3] = math.nan
+    assert _std_value(big) == 0.0

@@ -25,6 +25,8 @@ __all__ = ["CONFLICT", "KEY", "GradNorms", "HookSet", "observer"]
 #: claim that keeps two active contexts from modulating the same parameter. It lives only inside
 #: the block, and torch never pickles tensor hooks: nothing of it survives ``torch.save``.
 KEY = "gradmod.modulation"
+#: The key of an injection's entry (with its slot) in a tensor's hook dict.
+INJECT = "gradmod.injection"
 
 
 _HOOK_DICT = operator.attrgetter("_backward_hooks")
@@ -61,6 +63,29 @@ def _leaf_hooks(t: Tensor) -> dict[object, Callable[[Tensor], Tensor | None]] | 
     if hooks is None:
         t.register_hook(_identity).remove()  # creates the dict and installs it
         hooks = getattr(t, "_backward_hooks", None)
+    return hooks if isinstance(hooks, dict) else None
+
+
+def _hook_dict(t: Tensor) -> dict[object, Callable[[Tensor], Tensor | None]] | None:
+    """The hook dict of ``t``, leaf (:func:`_leaf_hooks`) or not, or ``None`` where a handle
+    must be used: a tensor subclass (its ``register_hook`` may be overridden), or a pure cast
+    whose hook goes on its source (:func:`_cast_source`).
+
+    A non-leaf tensor's hooks live in the same ``_backward_hooks`` dict, which its ``grad_fn``
+    reads (registered once, as ``Tensor.register_hook`` does): an entry in it is a hook without
+    a handle object (a third of ``register_hook``'s cost, which a block pays per feature).
+    """
+    if t.grad_fn is None:
+        return _leaf_hooks(t)
+    if type(t) is not Tensor or not t.requires_grad or _cast_source(t) is not None:
+        return None
+    hooks: dict[object, Callable[[Tensor], Tensor | None]] | None = getattr(
+        t, "_backward_hooks", None
+    )
+    if hooks is None:
+        hooks = collections.OrderedDict()
+        setattr(t, "_backward_hooks", hooks)  # noqa: B010 - typed as another dict by torch
+        t.grad_fn._register_hook_dict(t)
     return hooks if isinstance(hooks, dict) else None
 
 
@@ -250,7 +275,7 @@ class HookSet:
     def _put(self, t: Tensor, fn: Callable[[Tensor], Tensor | None]) -> None:
         """``fn`` under :data:`KEY` in ``t``'s hook dict, or a handle where there is no dict;
         refuses a tensor that another context holds (after releasing what this one added)."""
-        hooks = _leaf_hooks(t)
+        hooks = _hook_dict(t)
         if hooks is None:
             self._handles.append(_register_hook(t, fn))
             return
@@ -377,8 +402,15 @@ class HookSet:
             g = inj.grad * weight if weight != 1.0 else inj.grad
             self._fired.append(False)
             self._what.append(inj.what)
-            adder = self._adder(g, len(self._fired) - 1, loss_scale)
-            self._handles.append(_register_hook(inj.tensor, adder))
+            slot = len(self._fired) - 1
+            adder = self._adder(g, slot, loss_scale)
+            hooks = _hook_dict(inj.tensor)
+            if hooks is None:
+                self._handles.append(_register_hook(inj.tensor, adder))
+                continue
+            key = (INJECT, slot)
+            hooks[key] = adder
+            self._observers.append((hooks, key))
 
     def scale(
         self,

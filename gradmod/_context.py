@@ -1,12 +1,15 @@
-"""The hook engine: ``with ModulationContext(...): loss.backward()``."""
+"""The hook engine: ``with ModulationContext(...): loss.backward()``.
+
+This module keeps the context's lifecycle: construction, entering and leaving a block, state,
+copies and closing. What it sequences lives elsewhere: the argument checks (``_config``), the
+engine built from them (``_build``), a step's checks (``_steps``), each block's hooks and
+coefficients (``_wiring``), the forward link of ``prepare`` (``_forward``) and the update level
+(``_update``).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import numbers
 import threading
-import weakref
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
@@ -15,20 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from . import _dist
+from ._build import build
 from ._config import Mode, check_state, configure
-from ._errors import ConfigurationError, ContextError, StepError
+from ._errors import ConfigurationError, ContextError
 from ._forward import ForwardLink
 from ._groups import EncoderSpec, FusionSpec
 from ._hooks import CONFLICT, HookSet
-from ._protocol import Act, Method, Needs, Step, StepPlan, coefficient_dtype
-from ._steps import check_half, check_step, check_weight
-from ._update import UpdateLevel
-from ._validate import (
-    ParameterWatch,
-    check_feature_graph,
-    slot_list,
-)
-from ._wiring import Wiring
+from ._protocol import Act, Method, Needs, Step, StepPlan
+from ._steps import block_weight, check_half, check_step, check_weight, no_gradient
+from ._validate import check_feature_graph
 from .monitor import Monitor
 
 __all__ = ["Act", "Mode", "ModulationContext"]
@@ -168,42 +166,14 @@ class ModulationContext:
             monitor=monitor,
         )
         self.method: Method = cfg.method
-        self._needs = cfg.needs
-        self._binding = cfg.binding
-        self._targets = cfg.targets
-        names, root, groups = cfg.binding.names, cfg.root, cfg.binding.groups
-        act, device = cfg.act, cfg.binding.device
         self.mode: Mode = cfg.mode
-        self.act: Act = act
+        self.act: Act = cfg.act
         self.grad_scaler = grad_scaler
         self.process_group = process_group
         self.monitor = monitor
-        self._model = root
-        # float64: exact for float64 models; a 0-d factor never promotes a bf16/fp32 gradient.
-        self._coeffs = torch.ones(len(names), device=device, dtype=coefficient_dtype(device))
-        self._update: UpdateLevel | None = None
-        if act == "update":
-            assert optimizer is not None
-            me = weakref.ref(self)
-            self._update = UpdateLevel(
-                optimizer,
-                [self._targets.encoders.get(n, []) for n in names],
-                names,
-                active=lambda: (c := me()) is not None and c._plan is not None,
-                scaler=lambda: None if (c := me()) is None else c.grad_scaler,
-            )
-        self._wiring = self._new_wiring()
-        hooked = (
-            [t for ts in self._targets.encoders.values() for t in ts]
-            if cfg.needs.level == "encoders" and self.mode == "parameter" and act == "gradient"
-            else []
-        )  # tensors that get a parameter hook: they must keep requiring grad
-        self._watch = ParameterWatch(slot_list(root, cfg.slots, groups), cfg.skipped, hooked)
-        # Where no parameter hook holds the encoders (feature mode, response-level methods, the
-        # update level), each group is held by a pass-through marker on its first parameter (one
-        # call per modality and backward); every group parameter is checked for another context
-        # on entering.
-        self._members = [p for ps in groups.values() for p in ps]
+        self._needs, self._binding, self._targets = cfg.needs, cfg.binding, cfg.targets
+        self._model = cfg.root
+        self._update, self._wiring, self._watch, self._members = build(cfg, optimizer, self)
         self._lock = threading.Lock()
         self._closed = False
         self._boundary = True
@@ -244,7 +214,7 @@ class ModulationContext:
         """The factors the method decided in the latest (or current) block, shape ``[M]`` (a
         copy): applied to that backward's gradients (``act="gradient"``), or recorded for the
         next optimizer step (``act="update"``, see :attr:`pending_update`)."""
-        return self._coeffs.detach().clone()
+        return self._wiring.coefficients.detach().clone()
 
     @property
     def scores(self) -> dict[str, Tensor]:
@@ -332,15 +302,13 @@ class ModulationContext:
             StepError: the features or targets are unusable (as when entering a block).
             ContextError: called inside a block, or on a closed context.
         """
-        if not self._forward.active or not ForwardLink.training(self._model):
-            return dict(features)
-        if self._closed or self._lock.locked():
-            raise ContextError(
-                "ctx.prepare belongs to the forward, before the block: call it outside "
-                "`with ctx(...)`, on an open context"
-            )
-        step = self._check(features, targets, boundary=True)
-        return self._forward.prepare(self._binding, step, self._model)
+        return self._forward.prepare(
+            features,
+            lambda: self._check(features, targets, boundary=True),
+            self._binding,
+            self._model,
+            usable=not (self._closed or self._lock.locked()),
+        )
 
     def __call__(
         self,
@@ -371,16 +339,9 @@ class ModulationContext:
         Raises:
             StepError: ``weight`` is not a finite number > 0.
         """
-        if weight is not None and (
-            isinstance(weight, bool)
-            or not (isinstance(weight, numbers.Real) and weight > 0 and math.isfinite(weight))
-        ):
-            raise StepError(
-                f"weight must be a finite number > 0 (1/n for n micro-batches); got {weight!r}"
-            )
-        return _Block(
-            self, (features, targets, bool(boundary), None if weight is None else float(weight))
-        )
+        if weight is not None:
+            weight = block_weight(weight)
+        return _Block(self, (features, targets, bool(boundary), weight))
 
     def __repr__(self) -> str:
         return (
@@ -421,13 +382,14 @@ class ModulationContext:
                     "which is not attached to any optimizer): build a new one"
                 )
             features, targets, boundary, weight = inputs
-            explicit_weight = weight is not None
             self._weight = weight if weight is not None else 1.0
             self._boundary = boundary
             if self._update is not None:
                 self._update.restore()  # a step that raised left a scaled learning rate behind
-            self._follow_device()
-            feats: Mapping[str, Tensor] = features or {}
+            members = self._members
+            if members and members[0].device != self._binding.device:  # the model moved
+                wiring = self._wiring = self._wiring.to(members[0].device)
+                self._binding = wiring.binding
             step = self._check(
                 features, targets, boundary=boundary, needs=self._needs, weight=self._weight
             )
@@ -438,15 +400,16 @@ class ModulationContext:
                 raise ContextError(CONFLICT)
             step, consume_forward = self._forward.take(step, self._model)
             plan = self.method.plan(self._binding, step)
-            self._set_coefficients(plan)
+            self._wiring.set_coefficients(plan, self.method)
             self._scores = plan.scores
             check_weight(
                 self.method,
                 plan,
                 boundary=boundary,
-                explicit=explicit_weight,
+                explicit=weight is not None,
                 window_open=self._window_open,
             )
+            feats: Mapping[str, Tensor] = features or {}
             check_half(plan, feats, self.grad_scaler)
             self._wiring.register(feats, plan, self._loss_scale, self._weight, self.monitor)
             self._plan = plan
@@ -465,78 +428,31 @@ class ModulationContext:
         if plan is None:  # not active: nothing to leave
             return
         try:
-            hooks = self._wiring.hooks
+            wiring = self._wiring
+            hooks = wiring.hooks
             hooks.finish()  # parameter gradients scaled on leaving (HookSet.defer)
             missed, scaled = hooks.missed(), hooks.scaled_any()
             hooks.release()
             if exc_type is not None:
-                self._wiring.forget()
+                wiring.forget()
                 return
-            if not missed and not scaled and self._update is None:
-                raise StepError(
-                    "no modulated gradient passed through the block: call loss.backward() "
-                    "inside `with ctx(...)`, with a loss that reaches the encoders"
-                )
-            if missed:
-                raise StepError(
-                    f"{', '.join(missed)} received no gradient inside the block, so "
-                    f"{type(self.method).__name__}'s extra gradient was lost (zero the "
-                    "gradients of this step): call loss.backward() inside the block with a loss "
-                    "that uses it. A torch.compile'd model that consumes its features inside "
-                    "the compiled graph gives them no gradient of their own: compile the "
-                    "encoders separately"
-                )
+            if missed or not (scaled or self._update is not None):
+                raise no_gradient(missed, self.method)
             # The method's own gradients (head losses) land only after a clean backward, so a
             # failing block leaves no partial gradient behind.
-            _dist.accumulate(
-                plan.accumulate,
-                self.process_group,
-                _dist.loss_scale(self.grad_scaler),
-                self._weight,
-            )
-            self._wiring.land(plan, self._boundary, self.process_group)
+            scale = _dist.loss_scale(self.grad_scaler)
+            _dist.accumulate(plan.accumulate, self.process_group, scale, self._weight)
+            wiring.land(plan, self._boundary, self.process_group)
             if plan.commit is not None:
                 plan.commit()
             self._window_open = not self._boundary
             if self._update is not None:
                 adds = bool(plan.inject or plan.accumulate or plan.transform)
-                self._update.record(self._coeffs, self._boundary, adds)
+                self._update.record(wiring.coefficients, self._boundary, adds)
             if self.monitor is not None:
-                scale = _dist.loss_scale(self.grad_scaler)
-                self._wiring.report(self.monitor, plan, self._boundary, scale)
+                wiring.report(self.monitor, plan, self._boundary, scale)
         finally:
             self._lock.release()
-
-    def _follow_device(self) -> None:
-        """Move the coefficients (and hooks) to the encoders' device if the model moved."""
-        device = self._members[0].device if self._members else self._coeffs.device
-        if device == self._coeffs.device:
-            return
-        self._coeffs = torch.ones(len(self.names), device=device, dtype=coefficient_dtype(device))
-        self._binding = dataclasses.replace(self._binding, device=device)
-        self._wiring = self._new_wiring()
-
-    def _new_wiring(self) -> Wiring:
-        """The block wiring over the current binding and coefficient tensor."""
-        return Wiring(
-            self._binding,
-            self._targets,
-            self._needs,
-            self.mode,
-            self._coeffs,
-            update=self._update is not None,
-        )
-
-    def _set_coefficients(self, plan: StepPlan) -> None:
-        c = plan.coefficients
-        if c.shape != self._coeffs.shape:
-            raise RuntimeError(
-                f"{type(self.method).__name__}.plan returned coefficients of shape "
-                f"{tuple(c.shape)}; expected {tuple(self._coeffs.shape)}"
-            )
-        self._coeffs.copy_(c.detach())
-        # Defensive: a non-finite coefficient never reaches a gradient (1 = untouched).
-        self._coeffs.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
 
     def _check(
         self,

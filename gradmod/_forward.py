@@ -1,8 +1,9 @@
 """The link between a forward-acting method's ``ctx.prepare`` and the block after it.
 
 A method that declares ``Needs(forward=True)`` (OPM) changes the features the fusion head
-consumes, in the forward: ``ctx.prepare(features=..., targets=...)`` hands them to
-:meth:`~gradmod.Method.prepare` and returns what the fusion head should consume; the
+consumes, in the forward: ``ctx.prepare(features=..., targets=...)`` checks them as a step,
+hands them to :meth:`~gradmod.Method.prepare` and returns what the fusion head should consume
+(:meth:`ForwardLink.prepare`); the
 :class:`~gradmod.Prepared` carry waits here for the block that backpropagates those features,
 whose ``Step.carry`` it becomes. The engine calls :meth:`ForwardLink.take` on entering a block.
 """
@@ -11,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._errors import StepError
+from ._errors import ContextError, StepError
 from ._protocol import Binding, Method, Step
 
 __all__ = ["ForwardLink"]
@@ -41,10 +42,32 @@ class ForwardLink:
         """Whether a forward trains: grad enabled and the model (if any) in training mode."""
         return torch.is_grad_enabled() and (model is None or model.training)
 
-    def prepare(self, binding: Binding, step: Step, model: nn.Module | None) -> dict[str, Tensor]:
-        """The features the fusion head should consume (see ``ModulationContext.prepare``)."""
+    def prepare(
+        self,
+        features: Mapping[str, Tensor],
+        check: Callable[[], Step],
+        binding: Binding,
+        model: nn.Module | None,
+        *,
+        usable: bool,
+    ) -> dict[str, Tensor]:
+        """The features the fusion head should consume (see ``ModulationContext.prepare``):
+        ``features`` unchanged (a new dict) unless a forward-acting method trains, else the
+        method's for the step that ``check`` makes of them. ``usable``: the context is open and
+        not in a block.
+
+        Raises:
+            StepError: from ``check``.
+            ContextError: not ``usable``.
+        """
         if not self.active or not self.training(model):
-            return dict(step.features)
+            return dict(features)
+        if not usable:
+            raise ContextError(
+                "ctx.prepare belongs to the forward, before the block: call it outside "
+                "`with ctx(...)`, on an open context"
+            )
+        step = check()
         out = self.method.prepare(binding, step)
         feats = dict(out.features)
         bad = [

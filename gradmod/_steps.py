@@ -1,7 +1,10 @@
-"""The checks of one step's inputs and of its plan, before anything changes."""
+"""The checks of one step: its inputs and its plan, before anything changes, and its backward,
+on leaving the block."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 
 import torch
@@ -11,7 +14,22 @@ from ._errors import StepError
 from ._protocol import Binding, LossScale, Method, Needs, Reduce, Step, StepPlan
 from ._validate import ParameterWatch, check_features
 
-__all__ = ["check_half", "check_step", "check_weight"]
+__all__ = ["block_weight", "check_half", "check_step", "check_weight", "no_gradient"]
+
+
+def block_weight(weight: float) -> float:
+    """A block's ``weight=`` as a float (see ``ModulationContext.__call__``).
+
+    Raises:
+        StepError: not a finite number > 0.
+    """
+    if isinstance(weight, bool) or not (
+        isinstance(weight, numbers.Real) and weight > 0 and math.isfinite(weight)
+    ):
+        raise StepError(
+            f"weight must be a finite number > 0 (1/n for n micro-batches); got {weight!r}"
+        )
+    return float(weight)
 
 
 def check_step(
@@ -89,3 +107,21 @@ def check_half(plan: StepPlan, features: Mapping[str, Tensor], grad_scaler: obje
             "(the method's own gradients must be scaled like the loss); training float16 "
             "without one, pass grad_scaler=False"
         )
+
+
+def no_gradient(missed: list[str], method: Method) -> StepError:
+    """The error of a clean block whose backward left the modulation unused: the injections in
+    ``missed`` never fired, or (none missed) no modulated gradient passed at all."""
+    if not missed:
+        return StepError(
+            "no modulated gradient passed through the block: call loss.backward() "
+            "inside `with ctx(...)`, with a loss that reaches the encoders"
+        )
+    return StepError(
+        f"{', '.join(missed)} received no gradient inside the block, so "
+        f"{type(method).__name__}'s extra gradient was lost (zero the "
+        "gradients of this step): call loss.backward() inside the block with a loss "
+        "that uses it. A torch.compile'd model that consumes its features inside "
+        "the compiled graph gives them no gradient of their own: compile the "
+        "encoders separately"
+    )

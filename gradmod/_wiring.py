@@ -1,7 +1,9 @@
-"""One block's hooks, registered from a method's plan, and what a monitor sees of them."""
+"""One block's coefficients and hooks, registered from a method's plan, and what a monitor sees
+of them."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -12,14 +14,16 @@ from torch import Tensor, nn
 from . import _dist
 from ._config import Mode
 from ._hooks import GradNorms, HookSet, observer
-from ._protocol import Binding, LossScale, Needs, StepPlan, Targets
+from ._protocol import Binding, LossScale, Needs, StepPlan, Targets, coefficient_dtype
 from .monitor import Monitor
 
 __all__ = ["Wiring"]
 
 
 class Wiring:
-    """Registers each block's hooks from the plan; the hooks read views of ``coefficients``.
+    """Registers each block's hooks from the plan; the hooks read views of ``coefficients``
+    (``[M]``, on the binding's device: set from each plan by :meth:`set_coefficients`; a model
+    moved to another device gets a new wiring there, :meth:`to`).
 
     At the update level the scaling hooks read ones instead (the coefficient acts on the
     optimizer's step), while a gradient transform (OGM-GE's noise) still runs.
@@ -30,17 +34,15 @@ class Wiring:
     """
 
     def __init__(
-        self,
-        binding: Binding,
-        targets: Targets,
-        needs: Needs,
-        mode: Mode,
-        coefficients: Tensor,
-        *,
-        update: bool,
+        self, binding: Binding, targets: Targets, needs: Needs, mode: Mode, *, update: bool
     ) -> None:
         self.binding, self.targets, self.needs, self.mode = binding, targets, needs, mode
         self.update = update
+        device = binding.device
+        # float64: exact for float64 models; a 0-d factor never promotes a bf16/fp32 gradient.
+        coefficients = torch.ones(
+            len(binding.names), device=device, dtype=coefficient_dtype(device)
+        )
         self.coefficients = coefficients
         self.hooks = HookSet(torch.ones_like(coefficients) if update else coefficients)
         self._seen: _Observation | None = None  # the monitor's hooks, built on first use
@@ -49,6 +51,24 @@ class Wiring:
         self._block: list[list[Tensor | None]] | None = None  # this block's stash (combine)
         self._window: list[list[Tensor | None]] | None = None  # the earlier clean blocks'
         self._landed: Tensor | None = None  # norms of what the latest boundary added
+
+    def to(self, device: torch.device) -> Wiring:
+        """A new wiring over the same binding on ``device`` (the model moved), with its own
+        coefficients there."""
+        binding = dataclasses.replace(self.binding, device=device)
+        return Wiring(binding, self.targets, self.needs, self.mode, update=self.update)
+
+    def set_coefficients(self, plan: StepPlan, method: object) -> None:
+        """Take the plan's coefficients (the hooks read them)."""
+        c, k = plan.coefficients, self.coefficients
+        if c.shape != k.shape:
+            raise RuntimeError(
+                f"{type(method).__name__}.plan returned coefficients of shape "
+                f"{tuple(c.shape)}; expected {tuple(k.shape)}"
+            )
+        k.copy_(c.detach())
+        # Defensive: a non-finite coefficient never reaches a gradient (1 = untouched).
+        k.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
 
     def live_features(self) -> bool:
         """Whether this block hooks the features (they must be in the autograd graph)."""

@@ -59,6 +59,10 @@ Variants:
 * ``OGM-GE without noise``: ``gradmod.OGMGE(ge=False)``, the OGM-GE full row without its GE
   noise, paired with it ("OGM-GE noise cost" line: the median of the per-repetition ratio
   full / without noise, with its ~95 % CI): the noise's own cost, measured in one run.
+* ``floor, ...``: the bare mechanism of each mode with the engine rows' coefficients, without a
+  context (no checks, claims or state): parameter mode, one ``torch._foreach_mul_`` over the
+  encoder gradients after backward; feature mode, a ``k.mul`` hook on each feature. What the
+  modulation itself costs on this machine, below which no implementation of the mode goes.
 
 ``--variants`` times a subset (short keys, see ``--help``; ``plain`` is always timed, as the
 reference of every ratio).
@@ -126,6 +130,8 @@ AGM_HAND = (
     "AGM hand-written (7 head passes, Shapley responses and coefficients inline, tensor hooks)"
 )
 OGM_NONOISE = "OGM-GE without noise (ge=False: logits off the head, coefficients only)"
+FLOOR_PARAM = "floor, parameter mode: encoder grads *= k after backward (one foreach, nothing else)"
+FLOOR_FEATURE = "floor, feature mode: a k.mul hook on each feature (register_hook, nothing else)"
 VARIANTS = (
     PLAIN,
     CONTROL,
@@ -147,6 +153,8 @@ VARIANTS = (
     CGGM_HAND,
     AGM_HAND,
     OGM_NONOISE,
+    FLOOR_PARAM,
+    FLOOR_FEATURE,
 )
 #: ``--variants`` keys.
 KEYS = dict(
@@ -172,6 +180,8 @@ KEYS = dict(
             "cggm-hand",
             "agm-hand",
             "ogm-nonoise",
+            "floor-param",
+            "floor-feature",
         ),
         VARIANTS,
         strict=True,
@@ -432,6 +442,9 @@ def make_variants(
         OGM_NONOISE: lambda: method_step(
             fresh(), gradmod.OGMGE(alpha=OGM_ALPHA, seed=OGM_SEED, ge=False), fusion="head"
         ),
+        # the bare mechanism of each mode, without a context
+        FLOOR_PARAM: lambda: floor_step(fresh(), device, mode="parameter"),
+        FLOOR_FEATURE: lambda: floor_step(fresh(), device, mode="feature"),
     }
     return [Variant(name, builders[name]()) for name in VARIANTS if name in selected]
 
@@ -502,6 +515,45 @@ def cggm_classifiers(fused: int, device: torch.device) -> dict[str, nn.Module]:
         ).to(device)
         for n in NAMES
     }
+
+
+def floor_step(
+    model: MultiModalNet, device: torch.device, *, mode: str, make_opt: MakeOpt = adam
+) -> Callable[[Batch], None]:
+    """The least work of each mode, with the engine rows' coefficients and nothing else (no
+    checks, no claims, no state): parameter mode, every encoder gradient multiplied by its
+    modality's factor after backward in one ``torch._foreach_mul_``; feature mode, a
+    ``k_m.mul`` hook on each feature, registered and removed with ``register_hook``. A lower
+    bound on what either mode can cost on this machine."""
+    opt = make_opt(list(model.parameters()))
+    encoders = [list(model.get_submodule(PATHS[n]).parameters()) for n in NAMES]
+    table = [
+        list(torch.tensor(coefficient_values(s, len(NAMES)), device=device).unbind())
+        for s in range(CYCLE)
+    ]
+    counter = [0]
+
+    def step(batch: Batch) -> None:
+        xs, y = batch
+        logits, feats = model(xs)
+        loss = F.cross_entropy(logits, y)
+        counter[0] += 1
+        k = table[counter[0] % CYCLE]
+        if mode == "feature":
+            handles = [feats[n].register_hook(km.mul) for n, km in zip(NAMES, k, strict=True)]
+            loss.backward()
+            for h in handles:
+                h.remove()
+        else:
+            loss.backward()
+            pairs = [(p.grad, km) for ps, km in zip(encoders, k, strict=True) for p in ps]
+            torch._foreach_mul_(
+                [g for g, _ in pairs if g is not None], [km for g, km in pairs if g is not None]
+            )
+        opt.step()
+        opt.zero_grad()
+
+    return step
 
 
 def agm_step(

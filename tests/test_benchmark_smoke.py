@@ -193,3 +193,52 @@ def test_hand_written_rows_compute_gradmods_gradients(method: str) -> None:
 
 def _head_params(heads: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
     return {f"heads.{n}.{k}": p for n, h in heads.items() for k, p in h.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["parameter", "feature"])
+def test_floor_rows_modulate_as_the_engine_rows(mode: str) -> None:
+    """A floor row applies the engine row's coefficients to the same gradients (it only leaves
+    out the engine's checks and bookkeeping): the same gradients step after step, and not the
+    plain ones."""
+    bench = _load()
+    args = bench.parse_args(["--models", "mlp", "--mlp-hidden", "16", "--mlp-out", "8"])
+    spec = bench.build_spec("mlp", args)
+    torch.manual_seed(0)
+    base = spec.build()
+    models = [copy.deepcopy(base), copy.deepcopy(base)]
+    opts: list[_Recorder] = []
+
+    def make_opt(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        opts.append(_Recorder(params))
+        return opts[-1]
+
+    cpu = torch.device("cpu")
+    steps = [
+        bench.method_step(models[0], bench.FixedCoefficients(), mode=mode, make_opt=make_opt),
+        bench.floor_step(models[1], cpu, mode=mode, make_opt=make_opt),
+    ]
+    g = torch.Generator().manual_seed(5)
+    for _ in range(bench.CYCLE + 1):
+        batch = (
+            [torch.randn(16, *s, generator=g) for s in spec.input_shapes],
+            torch.randint(0, bench.N_CLASSES, (16,), generator=g),
+        )
+        for step in steps:
+            step(batch)
+    named = [dict(models[0].named_parameters()), dict(models[1].named_parameters())]
+    encoder = [n for n in named[0] if n.startswith("encoders.")]
+    assert len(opts[0].seen) == len(opts[1].seen) == bench.CYCLE + 1
+    for got, want in zip(opts[0].seen, opts[1].seen, strict=True):
+        for name, p in named[0].items():
+            torch.testing.assert_close(
+                got[id(p)], want[id(named[1][name])], rtol=1e-6, atol=1e-7, msg=name
+            )
+    # the coefficients are not all 1: some step scaled the encoders' gradients
+    plain = copy.deepcopy(base)
+    xs, y = batch
+    torch.nn.functional.cross_entropy(plain(xs)[0], y).backward()
+    last = opts[1].seen[-1]
+    assert any(
+        not torch.allclose(last[id(named[1][n])], dict(plain.named_parameters())[n].grad)
+        for n in encoder
+    )

@@ -331,8 +331,8 @@ class HookSet:
         see the modulated gradient, e.g. an optimizer stepped in backward): then
         :meth:`scale` hooks them.
 
-        One ``foreach`` multiply per modality and dtype replaces a Python hook call and a new
-        tensor per gradient (~10 % of a 2 ms step on a small model).
+        One ``foreach`` multiply over every encoder gradient replaces a Python hook call and a
+        new tensor per gradient during backward.
         """
         cached = self._flat
         if cached is None or cached[0] is not tensors:

@@ -35,7 +35,7 @@ _SEED_SPACE = 2**63
 #: The smallest modality (in elements) whose next noise is drawn ahead on a thread: below it
 #: (~1 ms of drawing on one CPU core), starting a thread costs about what it saves.
 _DRAW_AHEAD_MIN = 1 << 18
-#: The smallest CPU gradient whose std is taken in one pass (:func:`_std`).
+#: The smallest CPU gradient whose std is taken in one pass (:func:`_std_value`).
 _ONE_PASS_MIN = 1 << 16
 
 

@@ -36,6 +36,9 @@ _DTYPE = operator.attrgetter("dtype")
 _GRAD = operator.attrgetter("grad")
 _IS_SPARSE = operator.attrgetter("is_sparse")
 _POST_ACCUMULATE = operator.attrgetter("_post_accumulate_grad_hooks")
+#: autograd's engine: ``queue_callback`` runs a function when the current backward ends, before
+#: ``backward()`` returns (what DDP and FSDP use for their post-backward work).
+_ENGINE: Any = torch.autograd.Variable._execution_engine
 
 
 def _identity(grad: Tensor) -> Tensor:
@@ -266,10 +269,15 @@ class HookSet:
         ) = None
         self._observers: list[tuple[dict[object, Callable[[Tensor], Tensor | None]], object]] = []
         self._marker = _claim_marker()
-        # the tensors scaled when the block is left instead of by hooks (:meth:`defer`)
+        # the tensors scaled at the end of the backward instead of by hooks (:meth:`defer`)
         self._deferred: Mapping[int, Sequence[Tensor]] | None = None
-        # the deferred tensors in one list, and the factor of each (by its dtype)
-        self._flat: tuple[object, list[Tensor], list[Tensor]] | None = None
+        self._queued = False  # the end-of-backward scaling is queued with the engine
+        self._rehook: tuple[object, list[Callable[[Tensor], Tensor]]] | None = None
+        # the deferred tensors in one list, the factor of each (by its dtype), and what each
+        # holds in its hook dict meanwhile (the claim; the trigger on each modality's first)
+        self._flat: (
+            tuple[object, list[Tensor], list[Tensor], list[Callable[[Tensor], None]]] | None
+        ) = None
 
     # --------------------------------------------------------------------------- registering
     def _put(self, t: Tensor, fn: Callable[[Tensor], Tensor | None]) -> None:
@@ -322,22 +330,29 @@ class HookSet:
 
     def defer(self, tensors: Mapping[int, Sequence[Tensor]]) -> bool:
         """Scale the gradients of ``tensors`` (modality -> leaf tensors, the same mapping at
-        every step) when the block is left (:meth:`finish`) instead of by a hook per tensor,
-        where that is exact: every tensor is a leaf without a gradient yet (``zero_grad()``
-        sets them to ``None``), so the gradient it holds on leaving is the block's own. Claims
-        them (a C-level marker: no Python frame per gradient) and returns ``True``; returns
-        ``False``, registering nothing, where a tensor already holds a gradient (an earlier
-        micro-batch of an accumulation window) or has a post-accumulate-grad hook (which must
-        see the modulated gradient, e.g. an optimizer stepped in backward): then
-        :meth:`scale` hooks them.
+        every step) in place at the end of the block's backward, instead of by a hook per
+        tensor, where that is exact: every tensor is a leaf without a gradient yet
+        (``zero_grad()`` sets them to ``None``), so the gradient it holds then is the
+        backward's own. Returns ``True``; returns ``False``, registering nothing, where a
+        tensor already holds a gradient (an earlier micro-batch of an accumulation window) or
+        has a post-accumulate-grad hook (which must see the modulated gradient, e.g. an
+        optimizer stepped in backward): then :meth:`scale` hooks them.
 
-        One ``foreach`` multiply over every encoder gradient replaces a Python hook call and a
-        new tensor per gradient during backward.
+        Each tensor is claimed by a C-level marker (no Python frame per gradient), except each
+        modality's first, whose entry is :meth:`_trigger`: the first of them to receive a
+        gradient queues the scaling with autograd's engine, which runs it when that backward
+        ends, after DDP's reduction and before ``backward()`` returns, so that whatever the
+        block does after its backward (clipping, an optimizer step) sees the modulated
+        gradients, as with hooks. One ``foreach`` multiply over every encoder gradient
+        replaces a Python hook call and a new tensor per gradient during backward.
         """
         cached = self._flat
         if cached is None or cached[0] is not tensors:
             flat = [t for ts in tensors.values() for t in ts]
-            cached = self._flat = (tensors, flat, self._factors(tensors))
+            claims: list[Callable[[Tensor], None]] = []
+            for ts in tensors.values():
+                claims += [self._trigger if i == 0 else self._marker for i in range(len(ts))]
+            cached = self._flat = (tensors, flat, self._factors(tensors), claims)
         flat = cached[1]
         if (
             not all(map(operator.is_, map(_GRAD, flat), itertools.repeat(None)))
@@ -348,19 +363,51 @@ class HookSet:
         self._scaled[:] = [False] * len(self._views)
         if self._low is not None:
             self._low.copy_(self._coeffs)
-        self._put_many(flat, [self._marker] * len(flat))
+        self._put_many(flat, cached[3])
         self._deferred = tensors
+        self._queued = False
         return True
 
+    def _trigger(self, grad: Tensor) -> None:
+        """A deferred modality's first gradient arrived: queue the scaling for the end of this
+        backward (once). Returns ``None``: the gradient passes unchanged."""
+        if self._deferred is not None and not self._queued:
+            self._queued = True
+            _ENGINE.queue_callback(self._requeue)
+        return None
+
+    def _requeue(self) -> None:
+        """Queue :meth:`_end_of_backward` behind every callback already queued (DDP's
+        reduction is queued while backward runs; a callback queued by a callback runs
+        after them)."""
+        _ENGINE.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self) -> None:
+        """Scale the deferred gradients, then hook the tensors for the rest of the block: a
+        second backward in it adds its gradients to the scaled ones, so its own are scaled
+        as they arrive (by the hooks :meth:`scale` would register)."""
+        tensors = self._deferred
+        if tensors is None or self._flat is None:
+            return
+        self.finish()
+        flat = self._flat[1]
+        rehook = self._rehook
+        if rehook is None or rehook[0] is not tensors:
+            rehook = self._rehook = (tensors, self._hook_fns(tensors, None, None))
+        for hooks, fn in zip(map(_HOOK_DICT, flat), rehook[1], strict=True):
+            if hooks is not None and KEY in hooks:
+                hooks[KEY] = fn
+
     def finish(self) -> None:
-        """Multiply the gradients that the deferred tensors received in the block by their
-        modality's coefficient (:meth:`defer`), in place: the same product, bit for bit, as the
-        hook (a float32 view for float32 and half gradients). Runs once, also when the block
-        raised (as the hooks would have scaled what reached them)."""
+        """Multiply the gradients that the deferred tensors received by their modality's
+        coefficient (:meth:`defer`), in place: the same product, bit for bit, as the hook (a
+        float32 view for float32 and half gradients). Runs once: at the end of the backward,
+        or when the block is left if that did not run (no gradient reached a trigger, or the
+        backward raised: what reached ``.grad`` is scaled, as the hooks would have)."""
         deferred, self._deferred = self._deferred, None
         if deferred is None or self._flat is None:
             return
-        _, flat, factors = self._flat
+        _, flat, factors, _ = self._flat
         grads = list(map(_GRAD, flat))
         if (
             all(map(operator.is_not, grads, itertools.repeat(None)))
@@ -442,7 +489,19 @@ class HookSet:
         ):
             self._put_many(prepared[1], prepared[2])
             return
-        flat: list[Tensor] = []
+        flat = [t for ts in tensors.values() for t in ts]
+        fns = self._hook_fns(tensors, transform, stash)
+        if plain and reuse:
+            self._prepared = (tensors, flat, fns, list(map(_DTYPE, flat)))
+        self._put_many(flat, fns)
+
+    def _hook_fns(
+        self,
+        tensors: Mapping[int, Sequence[Tensor]],
+        transform: GradTransform | None,
+        stash: Sequence[list[Tensor | None]] | None,
+    ) -> list[Callable[[Tensor], Tensor]]:
+        """The hook of each tensor of :meth:`scale` (in ``tensors``' order)."""
         fns: list[Callable[[Tensor], Tensor]] = []
         for m, ts in tensors.items():
             k = self._views[m]
@@ -460,11 +519,8 @@ class HookSet:
                     fn = self._low_views[m].mul
                 if i == 0:  # one witness per modality that its gradients went through a hook
                     fn = functools.partial(_witness, self._scaled, m, fn)
-                flat.append(t)
                 fns.append(fn)
-        if plain and reuse:
-            self._prepared = (tensors, flat, fns, list(map(_DTYPE, flat)))
-        self._put_many(flat, fns)
+        return fns
 
     def observe(
         self, entries: Sequence[tuple[Tensor, Callable[[Tensor], None]]], key: object

@@ -134,6 +134,62 @@ def test_a_block_that_raises_after_backward_leaves_no_claim_and_scales_what_arri
         torch.testing.assert_close(g.double().cpu(), want, rtol=RTOL, atol=ATOL)
 
 
+def test_what_the_block_does_after_backward_sees_the_modulated_gradients() -> None:
+    """The scaling runs when the backward ends, before ``backward()`` returns: clipping and an
+    optimizer step inside the block act on the modulated gradients, as with hooks."""
+    base = make_model(dtype=F64)
+    after: dict[bool, dict[str, Tensor]] = {}
+    for set_to_none in (True, False):
+        model = copy.deepcopy(base)
+        ctx = gradmod.ModulationContext(model, encoders=ENCODERS, method=FixedMethod([K]))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        xs, y = batch(dtype=F64)
+        loss, feats = loss_of(model, xs, y)  # type: ignore[arg-type]
+        if not set_to_none:
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+        with ctx(features=feats, targets=y):
+            assert (ctx._wiring.hooks._deferred is not None) is set_to_none
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            opt.step()
+        assert norm > 0.05  # the clipping bound
+        after[set_to_none] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref = plain_grads(base, *batch(dtype=F64))
+    scaled = {n: g * (K[NAMES.index(m)] if (m := modality_of(n)) else 1.0) for n, g in ref.items()}
+    total = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g) for g in scaled.values()])
+    )
+    for name, p in base.named_parameters():
+        want = p.detach() - 0.1 * scaled[name] * (0.05 / (total + 1e-6))
+        for got in after.values():
+            torch.testing.assert_close(got[name], want, rtol=1e-10, atol=1e-12)
+
+
+def test_two_backward_passes_in_a_deferred_block_scale_both() -> None:
+    """The first backward's gradients are scaled when it ends; the tensors are then hooked, so
+    the second backward's gradients are scaled as they arrive: ``k (g_1 + g_2)``."""
+    model = make_model(dtype=F64)
+    ctx = gradmod.ModulationContext(model, encoders=ENCODERS, method=FixedMethod([K]))
+    xs, y = batch(dtype=F64)
+    xs2, y2 = batch(dtype=F64, seed=2)
+    loss, feats = loss_of(model, xs, y)  # type: ignore[arg-type]
+    loss2, _ = loss_of(model, xs2, y2)  # type: ignore[arg-type]
+    with ctx(features=feats, targets=y):
+        assert ctx._wiring.hooks._deferred is not None
+        loss.backward()
+        loss2.backward()
+    ref = copy.deepcopy(model)
+    ref.zero_grad(set_to_none=True)
+    (loss_of(ref, xs, y)[0] + loss_of(ref, xs2, y2)[0]).backward()  # type: ignore[arg-type]
+    got = grads(model)
+    for name, p in ref.named_parameters():
+        m = modality_of(name)
+        want = p.grad * (K[NAMES.index(m)] if m else 1.0)  # type: ignore[operator]
+        torch.testing.assert_close(got[name], want, rtol=1e-10, atol=1e-12)
+    assert not HookSet.held_elsewhere(list(model.parameters()))
+
+
 # ------------------------------------------------------------------------- OGM-GE draw-ahead
 class Wide(nn.Module):
     """Modality ``a`` above the draw-ahead threshold (2^18 elements), ``b`` below it."""

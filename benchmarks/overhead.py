@@ -595,6 +595,24 @@ def agm_step(
     return step
 
 
+def backward_scale_step(
+    loss: Tensor,
+    encoders: list[list[nn.Parameter]],
+    k: Sequence[float] | Sequence[Tensor],
+    opt: torch.optim.Optimizer,
+) -> None:
+    """What the official scripts do after their forward: backward, every encoder gradient
+    multiplied by its modality's factor (``grad *= k``, a Python float or a 0-d tensor), the
+    optimizer step and ``zero_grad`` (the hand-written MLB and CGGM rows)."""
+    loss.backward()
+    for ps, km in zip(encoders, k, strict=True):
+        for p in ps:
+            if p.grad is not None:
+                p.grad *= km
+    opt.step()
+    opt.zero_grad()
+
+
 def mlb_hand_step(
     model: MultiModalNet,
     heads: dict[str, nn.Module],
@@ -620,13 +638,7 @@ def mlb_hand_step(
             s = s.double()
             r = (s.sum() - s) / (m - 1) / s
             k = (1 + torch.tanh(alpha * (r - 1))).tolist()
-        loss.backward()
-        for ps, km in zip(encoders, k, strict=True):
-            for p in ps:
-                if p.grad is not None:
-                    p.grad *= km
-        opt.step()
-        opt.zero_grad()
+        backward_scale_step(loss, encoders, k, opt)
 
     return step
 
@@ -743,13 +755,7 @@ def cggm_hand_step(
         )
         l_gm = (bw.abs() - bw * cos).mean()
         loss = F.cross_entropy(logits, y) + sum(F.cross_entropy(o, y) for o in outs) + lam * l_gm
-        loss.backward()
-        for ps, km in zip(encoders, k, strict=True):
-            for p in ps:
-                if p.grad is not None:
-                    p.grad *= km
-        opt.step()
-        opt.zero_grad()
+        backward_scale_step(loss, encoders, k, opt)
 
     return step
 
@@ -910,55 +916,47 @@ def run_model(
     return rows, n_params, elapsed, lines
 
 
+def paired(times: dict[str, list[float]], a: str, b: str) -> str | None:
+    """``a`` against ``b``, paired per repetition: the median ratio, its change in percent and
+    its ~95 % CI, formatted; ``None`` if either was not timed."""
+    if a not in times or b not in times:
+        return None
+    ratios = [x / y for x, y in zip(times[a], times[b], strict=True)]
+    lo, hi = median_ci(ratios)
+    med = statistics.median(ratios)
+    return f"{med:.4f} ({(med - 1) * 100:+.2f} %), 95 % CI [{lo:.4f}, {hi:.4f}]"
+
+
 def monitor_lines(variants: Sequence[Variant]) -> list[str]:
     """The Monitor's own cost: each monitored row paired with the same row without it."""
     times = {v.name: v.times for v in variants}
-    lines = []
-    for on, off in MONITORED.items():
-        if on in times and off in times:
-            ratios = [a / b for a, b in zip(times[on], times[off], strict=True)]
-            lo, hi = median_ci(ratios)
-            med = statistics.median(ratios)
-            lines.append(
-                f"monitor cost, {off.split(' (')[0]}: on / off {med:.4f} "
-                f"({(med - 1) * 100:+.2f} %), 95 % CI [{lo:.4f}, {hi:.4f}]"
-            )
-    return lines
+    return [
+        f"monitor cost, {off.split(' (')[0]}: on / off {line}"
+        for on, off in MONITORED.items()
+        if (line := paired(times, on, off)) is not None
+    ]
 
 
 def hand_lines(variants: Sequence[Variant]) -> list[str]:
     """gradmod's full step of a method against its hand-written equivalent, paired per
     repetition (the median of gradmod / hand, with its ~95 % CI)."""
     times = {v.name: v.times for v in variants}
-    lines = []
-    for full, hand in HANDWRITTEN.items():
-        if full in times and hand in times:
-            ratios = [a / b for a, b in zip(times[full], times[hand], strict=True)]
-            lo, hi = median_ci(ratios)
-            med = statistics.median(ratios)
-            lines.append(
-                f"gradmod / hand-written, {full.split(' (')[0]}: {med:.4f} "
-                f"({(med - 1) * 100:+.2f} %), 95 % CI [{lo:.4f}, {hi:.4f}]"
-            )
-    return lines
+    return [
+        f"gradmod / hand-written, {full.split(' (')[0]}: {line}"
+        for full, hand in HANDWRITTEN.items()
+        if (line := paired(times, full, hand)) is not None
+    ]
 
 
 def noise_lines(variants: Sequence[Variant]) -> list[str]:
     """OGM-GE's noise's own cost: the full row paired with the same row without the noise
     (the median of full / without noise per repetition, with its ~95 % CI)."""
     times = {v.name: v.times for v in variants}
-    lines = []
-    for full, quiet in NOISE.items():
-        if full in times and quiet in times:
-            ratios = [a / b for a, b in zip(times[full], times[quiet], strict=True)]
-            lo, hi = median_ci(ratios)
-            med = statistics.median(ratios)
-            lines.append(
-                f"{full.split(' ')[0]} noise cost: {full.split(' (')[0]} / "
-                f"{quiet.split(' (')[0]} {med:.4f} ({(med - 1) * 100:+.2f} %), "
-                f"95 % CI [{lo:.4f}, {hi:.4f}]"
-            )
-    return lines
+    return [
+        f"{full.split(' ')[0]} noise cost: {full.split(' (')[0]} / {quiet.split(' (')[0]} {line}"
+        for full, quiet in NOISE.items()
+        if (line := paired(times, full, quiet)) is not None
+    ]
 
 
 def copy_line(spec: ModelSpec) -> str:

@@ -304,7 +304,7 @@ class ModulationContext:
         """
         return self._forward.prepare(
             features,
-            lambda: self._check(features, targets, boundary=True),
+            lambda: self._check(features, targets, boundary=True, needs=self._needs),
             self._binding,
             self._model,
             usable=not (self._closed or self._lock.locked()),
@@ -400,8 +400,6 @@ class ModulationContext:
                 raise ContextError(CONFLICT)
             step, consume_forward = self._forward.take(step, self._model)
             plan = self.method.plan(self._binding, step)
-            self._wiring.set_coefficients(plan, self.method)
-            self._scores = plan.scores
             check_weight(
                 self.method,
                 plan,
@@ -411,6 +409,8 @@ class ModulationContext:
             )
             feats: Mapping[str, Tensor] = features or {}
             check_half(plan, feats, self.grad_scaler)
+            self._wiring.set_coefficients(plan, self.method)
+            self._scores = plan.scores
             self._wiring.register(feats, plan, self._loss_scale, self._weight, self.monitor)
             self._plan = plan
             consume_forward()

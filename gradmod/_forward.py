@@ -116,7 +116,3 @@ class ForwardLink:
             self._pending = None
 
         return dataclasses.replace(step, carry=carry), consume
-
-    def clear(self) -> None:
-        """Forget a prepared forward (a copy of the context, a pickled one)."""
-        self._pending = None

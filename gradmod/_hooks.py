@@ -276,8 +276,22 @@ class HookSet:
         # the deferred tensors in one list, the factor of each (by its dtype), and what each
         # holds in its hook dict meanwhile (the claim; the trigger on each modality's first)
         self._flat: (
-            tuple[object, list[Tensor], list[Tensor], list[Callable[[Tensor], None]]] | None
+            tuple[
+                object,
+                list[Tensor],
+                list[Tensor],
+                list[Callable[[Tensor], None]],
+                list[torch.dtype],
+            ]
+            | None
         ) = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies rebuild their cached hooks: those are methods bound to views of THESE
+        coefficients (``copy`` keeps built-in methods as they are), and a fresh claim marker."""
+        state = self.__dict__.copy()
+        state.update(_prepared=None, _rehook=None, _flat=None, _marker=_claim_marker())
+        return state
 
     # --------------------------------------------------------------------------- registering
     def _put(self, t: Tensor, fn: Callable[[Tensor], Tensor | None]) -> None:
@@ -347,12 +361,14 @@ class HookSet:
         replaces a Python hook call and a new tensor per gradient during backward.
         """
         cached = self._flat
-        if cached is None or cached[0] is not tensors:
+        if cached is None or cached[0] is not tensors or list(map(_DTYPE, cached[1])) != cached[4]:
             flat = [t for ts in tensors.values() for t in ts]
             claims: list[Callable[[Tensor], None]] = []
             for ts in tensors.values():
                 claims += [self._trigger if i == 0 else self._marker for i in range(len(ts))]
-            cached = self._flat = (tensors, flat, self._factors(tensors), claims)
+            dtypes = list(map(_DTYPE, flat))  # a model cast later gets new factors and hooks
+            cached = self._flat = (tensors, flat, self._factors(tensors), claims, dtypes)
+            self._rehook = None
         flat = cached[1]
         if (
             not all(map(operator.is_, map(_GRAD, flat), itertools.repeat(None)))
@@ -394,9 +410,11 @@ class HookSet:
         rehook = self._rehook
         if rehook is None or rehook[0] is not tensors:
             rehook = self._rehook = (tensors, self._hook_fns(tensors, None, None))
-        for hooks, fn in zip(map(_HOOK_DICT, flat), rehook[1], strict=True):
-            if hooks is not None and KEY in hooks:
-                hooks[KEY] = fn
+        # every deferred tensor holds this block's claim under KEY: one C-level pass
+        collections.deque(
+            map(operator.setitem, map(_HOOK_DICT, flat), itertools.repeat(KEY), rehook[1]),
+            maxlen=0,
+        )
 
     def finish(self) -> None:
         """Multiply the gradients that the deferred tensors received by their modality's
@@ -407,7 +425,7 @@ class HookSet:
         deferred, self._deferred = self._deferred, None
         if deferred is None or self._flat is None:
             return
-        _, flat, factors, _ = self._flat
+        _, flat, factors, _, _ = self._flat
         grads = list(map(_GRAD, flat))
         if (
             all(map(operator.is_not, grads, itertools.repeat(None)))

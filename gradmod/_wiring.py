@@ -161,7 +161,8 @@ class Wiring:
                 for row, ts in zip(block, tensors, strict=True)
             ]
             flat = [x for row in g for x in row]
-            for dtype in {x.dtype for x in flat}:  # one all-reduce per dtype
+            # one all-reduce per dtype, in first-seen order (a set's order may differ by rank)
+            for dtype in dict.fromkeys(x.dtype for x in flat):
                 idx = [j for j, x in enumerate(flat) if x.dtype == dtype]
                 for j, x in zip(
                     idx, _dist.mean_over_ranks([flat[j] for j in idx], group), strict=True

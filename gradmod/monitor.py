@@ -108,7 +108,10 @@ class Monitor:
         scaling hook (what it receives); "after" is ``|k|`` times it (what a multiplication by
         ``k`` returns, exact up to rounding; the tensors a method leaves unscaled enter
         unscaled) — or, where the method transforms the gradients (OGM-GE's noise), observed by
-        a second hook just after the scaling hook;
+        a second hook just after the scaling hook. A monitor therefore keeps parameter mode on
+        its per-tensor hooks (without one, the gradients are scaled in one call when the
+        backward ends): the gradients are the same, but a ``torch.autograd.grad`` call inside
+        the block returns modulated gradients with a monitor and unmodulated ones without;
       - feature mode: the parameters receive gradients already scaled at the features; "after"
         is observed, and ``before = after / |k|`` (exact, since backprop is linear; NaN where
         ``k = 0``);

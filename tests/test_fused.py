@@ -249,6 +249,24 @@ def test_noise_drawn_ahead_is_the_noise_drawn_in_backward() -> None:
         method = ctx.method
         assert isinstance(method, gradmod.OGMGE)
         assert len(method._ahead._running) == 1
+        # and it is the one the next step uses (the small modality's hook, which fires
+        # first, leaves it alone)
+        taken: list[bool] = []
+        take = method._ahead.take
+
+        def spy(key: tuple[int, torch.device, torch.dtype, int]) -> Tensor | None:
+            got = take(key)
+            taken.append(got is not None)
+            return got
+
+        method._ahead.take = spy  # type: ignore[method-assign]
+        model = ctx._model
+        xa, xb = torch.randn(16, 600), torch.randn(16, 6)
+        out, f = model(xa, xb)
+        y = torch.arange(16) % 3
+        with ctx(features=f, targets=y):
+            F.cross_entropy(out, y).backward()
+        assert taken == [True]
     # a resumed run (a new context, the state loaded) draws the same noise
     resumed, _ = _ogm_run(base, draw_ahead=True, steps=4, resume_at=2)
     for a, b in zip(resumed, inline, strict=True):
@@ -322,3 +340,59 @@ def test_std_of_one_number_or_of_non_finite_gradients_is_zero() -> None:
     assert _std_value(big) == 0.0
     big[3] = math.nan
     assert _std_value(big) == 0.0
+
+
+def test_a_copied_context_scales_with_its_own_coefficients() -> None:
+    """The cached hooks are bound to a context's own coefficient views: a deep copy of the
+    model and its context (after steps on both paths) multiplies by the copy's coefficients."""
+    model = make_model(dtype=F64)
+    ctx = gradmod.ModulationContext(
+        model, encoders=ENCODERS, method=FixedMethod([K]), monitor=gradmod.Monitor()
+    )
+    for _ in range(2):
+        _block(model, ctx, set_to_none=False)  # the hook path, hooks cached
+        _block(model, ctx, set_to_none=True)
+    model_copy, ctx_copy = copy.deepcopy((model, ctx))
+    ctx._wiring.coefficients.zero_()  # the original's: must not reach the copy's gradients
+    for set_to_none in (True, False):
+        _block(model_copy, ctx_copy, set_to_none=set_to_none)
+        ref = plain_grads(model_copy, *batch(dtype=F64))
+        for name, g in grads(model_copy).items():
+            m = modality_of(name)
+            want = ref[name] * (K[NAMES.index(m)] if m else 1.0)
+            assert g is not None
+            torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-14)
+
+
+def test_a_model_cast_after_steps_gets_factors_of_its_new_dtype() -> None:
+    """float32 steps, then ``model.double()``: the deferred scaling multiplies the float64
+    gradients by the float64 coefficients (a cached float32 factor would be off by ~1e-9)."""
+    model = make_model(dtype=torch.float32)
+    k = [0.3, 1.7, 0.55]  # not exact in float32
+    ctx = gradmod.ModulationContext(model, encoders=ENCODERS, method=FixedMethod([k]))
+    _block(model, ctx, set_to_none=True)
+    model.double()
+    model.zero_grad(set_to_none=True)
+    assert _block(model, ctx, set_to_none=True)
+    ref = plain_grads(model, *batch(dtype=F64))
+    for name, g in grads(model).items():
+        m = modality_of(name)
+        want = ref[name] * (k[NAMES.index(m)] if m else 1.0)
+        assert g is not None
+        torch.testing.assert_close(g, want, rtol=1e-13, atol=1e-15)
+
+
+def test_a_refused_block_leaves_the_coefficients_and_scores_as_they_were() -> None:
+    model = make_model()
+    from _models import make_classifiers
+
+    ctx = gradmod.ModulationContext(
+        model, make_classifiers(), encoders=ENCODERS, method=gradmod.MLB()
+    )
+    xs, y = batch()
+    loss, feats = loss_of(model, xs, y)  # type: ignore[arg-type]
+    before, scores = ctx.coefficients, dict(ctx.scores)
+    with pytest.raises(gradmod.StepError, match="weight="), ctx(feats, y, boundary=False):
+        loss.backward()
+    assert torch.equal(ctx.coefficients, before)
+    assert ctx.scores.keys() == scores.keys()

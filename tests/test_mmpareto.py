@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from test_mmpareto_reference import min_norm_from2
 from torch import Tensor, nn
 
 import gradmod
@@ -74,15 +75,6 @@ def batch(seed: int, n: int = 16) -> tuple[dict[str, Tensor], Tensor]:
 
 
 # ------------------------------------------------------------------------------ reference
-def min_norm_from2(v1v1: float, v1v2: float, v2v2: float) -> float:
-    """min_norm_solvers.py:17-30: the weight of the first vector."""
-    if v1v2 >= v1v1:
-        return 0.999
-    if v1v2 >= v2v2:
-        return 0.001
-    return -1.0 * ((v1v2 - v2v2) / (v1v1 + v2v2 - 2 * v1v2))
-
-
 def official_step(
     model: AV,
     heads: dict[str, nn.Module],

@@ -273,11 +273,14 @@ def test_norms_are_unscaled_with_a_grad_scaler() -> None:
     mon = gradmod.Monitor()
     ctx = ctx_for(model, gradmod.Fixed(K), grad_scaler=scaler, monitor=mon)
     xs, y = on_device(*data())
-    loss = F.cross_entropy(model.fuse(model.features(xs)), y)
-    with ctx(features=model.features(xs), targets=y):
+    feats = model.features(xs)
+    loss = F.cross_entropy(model.fuse(feats), y)
+    with ctx(features=feats, targets=y):
         scaler.scale(loss).backward()
     plain = torch.stack([norm(g) for g in plain_grads(model).values()])
-    close(column(mon.to_dict(), "grad_norm_before")[0], plain)
+    rec = mon.to_dict()
+    close(column(rec, "grad_norm_before")[0], plain)
+    close(column(rec, "grad_norm_after")[0], torch.tensor(K, dtype=plain.dtype) * plain)
 
 
 def test_accumulation_gives_one_record_per_block_with_its_own_gradient() -> None:

@@ -365,16 +365,37 @@ def official_ogm(s0: float, s1: float, alpha: float, plus: bool) -> list[float]:
 
 @pytest.mark.parametrize("plus", [False, True])
 def test_ogm_tpami_form_through_the_engine(plus: bool) -> None:
+    """The scores from the official lines (Classifier.py:112-143), the coefficients from the
+    official rule (main.py:118-152) on them, and each encoder's gradient k_m times its plain
+    autograd gradient."""
     method = gradmod.OGMGE(form="tpami", alpha=0.8, boost=4.0 if plus else None, ge=False)
     net, ctx = make(method)
     for s in range(3):
-        step(net, ctx, s)
-        net.zero_grad()
-        scores = ctx.scores["true_class_probability_sum"].tolist()
+        xa, xb, y = batch(s)
+        ref = copy.deepcopy(net)
+        ref_feats = ref.features(xa, xb)
+        scores = [
+            float(p) for p in official_scores(ref, {k: v.detach() for k, v in ref_feats.items()}, y)
+        ]
+        F.cross_entropy(ref.fuse(ref_feats), y).backward()
         want = official_ogm(*scores, alpha=0.8, plus=plus)
+        step(net, ctx, s)
+        torch.testing.assert_close(
+            ctx.scores["true_class_probability_sum"],
+            torch.tensor(scores, dtype=F64),
+            rtol=1e-12,
+            atol=0,
+        )
         torch.testing.assert_close(
             ctx.coefficients, torch.tensor(want, dtype=F64), rtol=1e-12, atol=0
         )
+        for m, name in enumerate(("a", "b")):
+            for p, q in zip(
+                getattr(net, name).parameters(), getattr(ref, name).parameters(), strict=True
+            ):
+                assert p.grad is not None and q.grad is not None
+                torch.testing.assert_close(p.grad, want[m] * q.grad, rtol=1e-12, atol=1e-15)
+        net.zero_grad()
     # an exact tie: the TPAMI code slows (or boosts) by its else-branch
     tie = torch.tensor([2.0, 2.0], dtype=F64)
     assert method.coefficients(tie).tolist() == pytest.approx(official_ogm(2.0, 2.0, 0.8, plus))

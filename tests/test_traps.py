@@ -85,33 +85,44 @@ def test_methods_adding_no_gradient_need_no_weight(method: str) -> None:
         ctx = ctx_for(model, gradmod.OGMGE(ge=False), fusion="head")
     else:
         ctx = ctx_for(model, gradmod.Fixed([0.5, 2.0]))
+    ref = copy.deepcopy(model)
     for seed, boundary in ((1, False), (2, True)):
         loss, feats, y = _step_inputs(model, seed)
         with ctx(feats, y, boundary=boundary):
             loss.backward()
-    assert all(p.grad is not None for p in model.parameters())
+        _step_inputs(ref, seed)[0].backward()
+    if method == "fixed":  # each micro-batch's encoder gradient times k_m, the rest plain
+        for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+            k = {"enc." + n: c for n, c in zip(NAMES, (0.5, 2.0), strict=True)}
+            factor = next((c for prefix, c in k.items() if name.startswith(prefix)), 1.0)
+            assert p.grad is not None and q.grad is not None
+            torch.testing.assert_close(p.grad, factor * q.grad, rtol=1e-6, atol=1e-7)
+    else:
+        assert all(p.grad is not None for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------- scaler
-def _update_run(scaler_to_ctx: bool) -> None:
+def _update_run(scaler_to_ctx: bool, use_scaler: bool = True) -> list[Tensor]:
+    """One MLB step at the update level; returns the model's parameters after it."""
+    torch.manual_seed(0)
     model, heads = make(NAMES), linear_heads(NAMES)
     opt = torch.optim.Adam(
         [*model.parameters(), *(p for h in heads.values() for p in h.parameters())]
     )
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if use_scaler else None
     ctx = ctx_for(
         model, gradmod.MLB(), heads, optimizer=opt, grad_scaler=scaler if scaler_to_ctx else None
     )
     before = [p.detach().clone() for p in model.parameters()]
     loss, feats, y = _step_inputs(model, 1)
     with ctx(feats, y):
-        scaler.scale(loss).backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
     try:
-        scaler.step(opt)
+        scaler.step(opt) if scaler is not None else opt.step()
     finally:
         after = [p.detach().clone() for p in model.parameters()]
-    changed = any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
-    assert changed, "the step did not run"
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    return after
 
 
 def test_a_scaler_the_context_was_not_given_is_refused_before_the_step() -> None:
@@ -119,8 +130,12 @@ def test_a_scaler_the_context_was_not_given_is_refused_before_the_step() -> None
         _update_run(scaler_to_ctx=False)
 
 
-def test_the_scaler_given_to_the_context_steps() -> None:
-    _update_run(scaler_to_ctx=True)
+def test_the_scaler_given_to_the_context_steps_as_without_a_scaler() -> None:
+    """A power-of-two scale unscales exactly: the same parameters, bit for bit."""
+    with_scaler = _update_run(scaler_to_ctx=True)
+    without = _update_run(scaler_to_ctx=False, use_scaler=False)
+    for a, b in zip(with_scaler, without, strict=True):
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------- scores

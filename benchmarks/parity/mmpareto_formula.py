@@ -37,6 +37,7 @@ import textwrap
 
 import torch
 import torch.nn.functional as F
+from _judge import finish, judge
 from torch import nn
 
 import gradmod.functional as GF
@@ -180,6 +181,7 @@ def formula(gen: torch.Generator) -> None:
                 )
             )
     for name, r in sorted(rows.items()):
+        judge(f"formula {name}", max(x[1] for x in r), 1e-3)  # relative: float32 rounding
         print(
             f"formula {name:22s} vs {COMBINE_AT:26s} encoders {len(r):3d}  "
             f"max|diff| {max(x[0] for x in r):.2e}  max rel {max(x[1] for x in r):.2e}  "
@@ -332,6 +334,7 @@ def training_step(gen: torch.Generator) -> None:
                 stats.setdefault("heads (unmodulated)", []).append((hd, hd, 0.0))
     where = f"{SELECT_AT} + {STEP_AT}"
     for name, r in stats.items():
+        judge(f"step {name}", max(x[1] for x in r), 1e-4)
         print(
             f"step    {name:22s} vs {where:26s} encoders {len(r):3d}  "
             f"max|diff| {max(x[0] for x in r):.2e}  max rel {max(x[1] for x in r):.2e}  "
@@ -345,4 +348,5 @@ if __name__ == "__main__":
     formula(gen)
     training_step(gen)
     edge_cases()
+    finish()
     print(f"official MinNormSolver from {os.environ['MMPARETO_SRC']}/code/min_norm_solvers.py")

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _judge import finish, judge
 
 import gradmod
 import gradmod.functional as GF
@@ -69,10 +70,11 @@ def official_module() -> dict:
     return ns
 
 
-def report(name: str, where: str, diffs: list[tuple[float, float]]) -> None:
+def report(name: str, where: str, diffs: list[tuple[float, float]], tol: float = 1e-6) -> None:
     a = max(d[0] for d in diffs)
     r = max(d[1] for d in diffs)
     print(f"{name:34s} vs {where:28s} cases {len(diffs):4d}  max|diff| {a:.2e}  max rel {r:.2e}")
+    judge(name, a, tol)
 
 
 def diff(x, y) -> tuple[float, float]:
@@ -343,3 +345,4 @@ if __name__ == "__main__":
     leak_stage(g, ns)
     ogm_stage(g)
     vector(ns)
+    finish()

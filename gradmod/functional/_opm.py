@@ -167,8 +167,8 @@ def opm_feature_scale(
         raise ValueError(
             f"dims must give one positive width per modality ({q.shape[0]}); got {list(dims)}"
         )
-    d = torch.tensor(widths, dtype=q.dtype, device=q.device)
-    theta = (d * q).sum() / d.sum()
+    total = sum(widths)  # host numbers: no host-to-device copy per forward
+    theta = torch.stack([q[i] * (w / total) for i, w in enumerate(widths)]).sum()
     keep_all = (1.0 - theta) * one
     return torch.where(keep_all > 0, 1.0 / torch.where(keep_all > 0, keep_all, one), one)
 

@@ -171,6 +171,7 @@ class InfoReg(Method):
         checks += [("threshold", threshold, None, True, None), ("weight", weight, 0.0, True, None)]
         check_args("InfoReg", checks, choices)
         self.strength: tuple[float, ...] = tuple(float(s) for s in strengths)
+        self._strengths: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
         self.threshold = float(threshold)
         self.window = int(window)
         self.gate: Gate = gate
@@ -350,6 +351,16 @@ class InfoReg(Method):
             out.append(views)
         return out
 
+    def _strength(self, m: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The regulation strengths as an ``[m]`` tensor, built once per device and dtype (no
+        host-to-device copy per step)."""
+        key = (m, device, dtype)
+        lam = self._strengths.get(key)
+        if lam is None:
+            values = self.strength if len(self.strength) == m else self.strength * m
+            lam = self._strengths[key] = torch.tensor(values, dtype=dtype, device=device)
+        return lam
+
     def _unimodal(
         self, binding: Binding, step: Step, dtype: torch.dtype
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]], list[Injection]]:
@@ -397,11 +408,7 @@ class InfoReg(Method):
         fresh = int(self.anchor_epoch) != epoch  # the anchor is taken by this block
         with torch.no_grad():
             rate = self.rate(m).to(device=binding.device, dtype=dtype)
-            lam = torch.tensor(
-                self.strength if len(self.strength) == m else self.strength * m,
-                dtype=dtype,
-                device=binding.device,
-            )
+            lam = self._strength(m, binding.device, dtype)
             beta = GF.inforeg_beta(
                 scores, rate, strength=lam, threshold=self.threshold, versus=self.versus
             )

@@ -166,14 +166,6 @@ class MultiLoss(Method):
 
         def commit() -> None:
             with torch.no_grad():
-                last = self.last_coefficients
-                same = last.shape == k.shape and last.dtype == k.dtype
-                if same and last.device == k.device == self.steps.device:
-                    # in place: no module attribute to set (the common case, every step)
-                    self.last_coefficients.copy_(k)
-                    self.steps += 1
-                    self.skipped += (~ok).to(self.skipped.dtype)
-                    return
                 self.last_coefficients = k.clone()
                 self.steps = self.steps.to(k.device) + 1
                 self.skipped = self.skipped.to(k.device) + (~ok).to(self.skipped.dtype)

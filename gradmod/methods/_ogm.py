@@ -311,7 +311,7 @@ class OGMGE(Method):
         wanted = {
             (_seed(self.seed, step, m), device, layout.dtypes[m], layout.totals[m])
             for m, device in devices.items()
-            if device.type == "cpu" and layout.totals[m] >= _DRAW_AHEAD_MIN
+            if _drawn_ahead(device, layout.totals[m])
         }
         self._ahead.start(wanted)
 
@@ -461,7 +461,7 @@ class _NoiseBlock:
             seed = _seed(self.method.seed, self.noise_step, m)
             self.devices.setdefault(m, grad.device)
             key = (seed, grad.device, layout.dtypes[m], layout.totals[m])
-            buf = self.method._ahead.take(key)
+            buf = self.method._ahead.take(key) if _drawn_ahead(grad.device, key[3]) else None
             if buf is None:
                 gen = self.method._generator(grad.device)
                 gen.manual_seed(seed)
@@ -536,8 +536,9 @@ class _DrawsAhead:
 
     :meth:`start` draws each ``(seed, device, dtype, length)`` with a generator of its own,
     seeded with ``seed``: the numbers a draw inside backward would give. :meth:`take` waits for
-    the one asked for (``None`` if it was not drawn ahead, or failed); whatever was drawn for
-    another key is dropped then, and by :meth:`clear`.
+    the one asked for (``None`` if it was not drawn ahead, or failed); what was drawn for
+    another step (a reset, a loaded state) is dropped by the next :meth:`start` or
+    :meth:`clear`.
     """
 
     def __init__(self) -> None:
@@ -555,9 +556,7 @@ class _DrawsAhead:
 
     def take(self, key: DrawKey) -> Tensor | None:
         entry = self._running.pop(key, None)
-        if entry is None:
-            if self._running:  # drawn for another step (a reset, a loaded state): dropped
-                self.clear()
+        if entry is None:  # not drawn ahead (what was, for another step, goes at the next start)
             return None
         thread, box = entry
         thread.join()
@@ -567,6 +566,12 @@ class _DrawsAhead:
         for thread, _ in self._running.values():
             thread.join()
         self._running.clear()
+
+
+def _drawn_ahead(device: torch.device, length: int) -> bool:
+    """Whether a modality's noise is drawn ahead: on the CPU (a GPU draws asynchronously
+    anyway), for buffers of at least :data:`_DRAW_AHEAD_MIN` elements."""
+    return device.type == "cpu" and length >= _DRAW_AHEAD_MIN
 
 
 def _draw(key: DrawKey, box: list[Tensor]) -> None:

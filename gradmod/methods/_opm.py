@@ -239,8 +239,8 @@ class OPM(Method):
         )
         leak = None
         if live:
-            dims = torch.tensor([f[0].numel() for f in feats], dtype=q.dtype, device=q.device)
-            theta = (dims * q).sum() / dims.sum()
+            dims = [f[0].numel() for f in feats]
+            theta = torch.stack([q[i] * (d / sum(dims)) for i, d in enumerate(dims)]).sum()
             # the official backward returns theta as theta's gradient: the gradient of
             # theta^2 / 2, on executed steps; DDP averages over ranks what the full batch sums
             half = 0.5 * theta.square() * step.world

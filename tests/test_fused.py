@@ -282,8 +282,11 @@ def test_a_method_with_noise_drawn_ahead_copies_and_pickles_without_it() -> None
         assert isinstance(clone, gradmod.OGMGE)
         assert not clone._ahead._running
         assert torch.equal(clone.noise_steps, method.noise_steps)
+    assert int(method.noise_steps) > 0
     method.reset()
     assert not method._ahead._running
+    assert int(method.noise_steps) == 0 and int(method.steps) == 0
+    assert method.last_coefficients.numel() == 0
 
 
 def test_draw_ahead_must_be_a_bool() -> None:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _refs import softmax_true
-from test_inforeg_reference import naive_rate
+from test_inforeg_reference import Net, make_data, naive_rate
 from torch import nn
 
 import gradmod
@@ -36,35 +36,9 @@ F64 = torch.float64
 NAMES = ("audio", "visual")
 
 
-class Net(nn.Module):
-    """Named like the official model: audio_net, visual_net, a linear head on [a; v]."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.audio_net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4))
-        self.visual_net = nn.Sequential(nn.Linear(7, 4))
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, xa: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        a, v = self.audio_net(xa), self.visual_net(xv)
-        return a, v, self.head(torch.cat([a, v], 1))
-
-
 def make_net(dtype: torch.dtype = F64) -> Net:
     torch.manual_seed(0)
     return Net().to(dtype)
-
-
-def make_data(steps: int, batch: int = 6, seed: int = 3) -> list[tuple[torch.Tensor, ...]]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (
-            torch.randn(batch, 5, generator=g, dtype=F64) * 2,  # audio: larger inputs, leads
-            torch.randn(batch, 7, generator=g, dtype=F64),
-            torch.randint(0, 3, (batch,), generator=g),
-        )
-        for _ in range(steps)
-    ]
 
 
 def sgd(net: nn.Module) -> torch.optim.Optimizer:

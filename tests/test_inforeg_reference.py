@@ -439,19 +439,23 @@ class Net(nn.Module):
         return a, v, self.head(torch.cat([a, v], 1))
 
 
+def make_data(steps: int, batch: int = 6, seed: int = 3) -> list[tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(batch, 5, generator=g, dtype=F64) * 2,  # audio: larger inputs, leads
+            torch.randn(batch, 7, generator=g, dtype=F64),
+            torch.randint(0, 3, (batch,), generator=g),
+        )
+        for _ in range(steps)
+    ]
+
+
 def run_loop(net: Net, official: bool, epochs: int = 13, steps: int = 2) -> dict[str, object]:
     """Both loops share model, data and SGD; ``official`` follows main.py with plain Python
     (naive_rate / naive_beta / naive_proximal / naive_fisher), the other composes gradmod's
     functions."""
-    g = torch.Generator().manual_seed(3)
-    data = [
-        (
-            torch.randn(6, 5, generator=g, dtype=F64) * 2,
-            torch.randn(6, 7, generator=g, dtype=F64),
-            torch.randint(0, 3, (6,), generator=g),
-        )
-        for _ in range(steps)
-    ]
+    data = make_data(steps)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     encs = [net.audio_net, net.visual_net]
     traces: list[list[float]] = [[], []]

@@ -195,10 +195,7 @@ class OGMGE(Method):
         self.epoch.fill_(int(epoch))
 
     def reset(self) -> None:
-        for name in ("epoch", "noise_steps", "steps", "skipped"):
-            getattr(self, name).zero_()
-        self.last_coefficients = torch.zeros(0, device=self.steps.device)
-        self.last_scores = torch.zeros(0, device=self.steps.device)
+        super().reset()  # every buffer emptied (the counters to 0)
         self._pending.clear()
         self._ahead.clear()
 

@@ -441,7 +441,8 @@ class ModulationContext:
             # The method's own gradients (head losses) land only after a clean backward, so a
             # failing block leaves no partial gradient behind.
             scale = _dist.loss_scale(self.grad_scaler)
-            _dist.accumulate(plan.accumulate, self.process_group, scale, self._weight)
+            if plan.accumulate:
+                _dist.accumulate(plan.accumulate, self.process_group, scale, self._weight)
             wiring.land(plan, self._boundary, self.process_group)
             if plan.commit is not None:
                 plan.commit()
@@ -465,21 +466,21 @@ class ModulationContext:
     ) -> Step:
         """This step's inputs as a :class:`Step` (see :func:`check_step`), with this process's
         rank and the number of ranks of the reduction."""
-        group = self.process_group
+        rank, world = _dist.rank_and_world(self.process_group)
         return check_step(
             self.method,
             self._binding,
             self._watch,
             features,
             targets,
-            live=self._wiring.live_features(),
+            live=self._wiring.live,
             reduce=self._reduce,
             loss_scale=self._loss_scale,
             boundary=boundary,
             needs=needs,
             weight=weight,
-            rank=_dist.rank(group),
-            world=_dist.world_size(group),
+            rank=rank,
+            world=world,
         )
 
     def _reduce(self, t: Tensor) -> Tensor:

@@ -11,7 +11,14 @@ from torch import Tensor
 
 from ._errors import StepError
 
-__all__ = ["accumulate", "loss_scale", "mean_over_ranks", "rank", "reduce_sum", "world_size"]
+__all__ = [
+    "accumulate",
+    "loss_scale",
+    "mean_over_ranks",
+    "rank_and_world",
+    "reduce_sum",
+    "world_size",
+]
 
 
 def world_size(group: Any) -> int:
@@ -21,11 +28,11 @@ def world_size(group: Any) -> int:
     return int(dist.get_world_size(group))
 
 
-def rank(group: Any) -> int:
-    """This process's rank in ``group`` (0 outside an initialised process group)."""
+def rank_and_world(group: Any) -> tuple[int, int]:
+    """:func:`rank` and :func:`world_size` of ``group``, with one check of the process group."""
     if not (dist.is_available() and dist.is_initialized()):
-        return 0
-    return int(dist.get_rank(group))
+        return 0, 1
+    return int(dist.get_rank(group)), int(dist.get_world_size(group))
 
 
 def reduce_sum(t: Tensor, group: Any) -> Tensor:

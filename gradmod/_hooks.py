@@ -8,7 +8,7 @@ import itertools
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -36,6 +36,25 @@ _DTYPE = operator.attrgetter("dtype")
 _GRAD = operator.attrgetter("grad")
 _IS_SPARSE = operator.attrgetter("is_sparse")
 _POST_ACCUMULATE = operator.attrgetter("_post_accumulate_grad_hooks")
+_POP_KEY = operator.methodcaller("pop", KEY, None)  # the dict's own pop (an OrderedDict's too)
+#: what :meth:`HookSet.defer` reads of each tensor, and :meth:`HookSet.finish` of each gradient
+_TENSOR_STATE = operator.attrgetter("grad", "grad_fn", "_post_accumulate_grad_hooks", "dtype")
+_GRAD_STATE = operator.attrgetter("grad.dtype", "grad.requires_grad", "grad.is_sparse")
+
+
+class _Deferred(NamedTuple):
+    """What :meth:`HookSet.defer` keeps for one mapping of tensors."""
+
+    tensors: object  # the mapping it was built for
+    flat: list[Tensor]
+    factors: list[Tensor]  # the 0-d factor of each tensor's gradient
+    claims: list[Callable[[Tensor], None]]  # what each holds in its hook dict meanwhile
+    state: list[tuple[object, ...]]  # each tensor's _TENSOR_STATE when it can be deferred
+    dtypes: list[torch.dtype]
+    grads: list[tuple[object, ...]]  # each gradient's _GRAD_STATE where one foreach scales all
+    scaled: list[bool]  # HookSet._scaled once the gradients were scaled
+
+
 #: autograd's engine: ``queue_callback`` runs a function when the current backward ends, before
 #: ``backward()`` returns (what DDP and FSDP use for their post-backward work).
 _ENGINE: Any = torch.autograd.Variable._execution_engine
@@ -262,6 +281,7 @@ class HookSet:
         # one flag per modality, set by its first scaling hook: one list for the HookSet's life,
         # since the cached hooks below hold it
         self._scaled: list[bool] = [False] * len(self._views)
+        self._unscaled = [False] * len(self._views)  # what ``_scaled`` is reset to
         # the scaling hooks of the last plain (no transform) ``scale`` call, for the same
         # tensors: (the mapping they came from, flat tensors, hook functions, their dtypes)
         self._prepared: (
@@ -275,16 +295,7 @@ class HookSet:
         self._rehook: tuple[object, list[Callable[[Tensor], Tensor]]] | None = None
         # the deferred tensors in one list, the factor of each (by its dtype), and what each
         # holds in its hook dict meanwhile (the claim; the trigger on each modality's first)
-        self._flat: (
-            tuple[
-                object,
-                list[Tensor],
-                list[Tensor],
-                list[Callable[[Tensor], None]],
-                list[torch.dtype],
-            ]
-            | None
-        ) = None
+        self._flat: _Deferred | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies rebuild their cached hooks: those are methods bound to views of THESE
@@ -361,28 +372,45 @@ class HookSet:
         replaces a Python hook call and a new tensor per gradient during backward.
         """
         cached = self._flat
-        if cached is None or cached[0] is not tensors or list(map(_DTYPE, cached[1])) != cached[4]:
-            flat = [t for ts in tensors.values() for t in ts]
-            claims: list[Callable[[Tensor], None]] = []
-            for ts in tensors.values():
-                claims += [self._trigger if i == 0 else self._marker for i in range(len(ts))]
-            dtypes = list(map(_DTYPE, flat))  # a model cast later gets new factors and hooks
-            cached = self._flat = (tensors, flat, self._factors(tensors), claims, dtypes)
-            self._rehook = None
-        flat = cached[1]
-        if (
-            not all(map(operator.is_, map(_GRAD, flat), itertools.repeat(None)))
-            or any(map(_GRAD_FN, flat))
-            or any(map(_POST_ACCUMULATE, flat))  # they must see the modulated gradient
-        ):
-            return False
-        self._scaled[:] = [False] * len(self._views)
+        if cached is None or cached[0] is not tensors:
+            cached = self._cache(tensors)
+        flat = cached.flat
+        if list(map(_TENSOR_STATE, flat)) != cached.state:  # one C-level pass, commonly
+            if list(map(_DTYPE, flat)) != cached.dtypes:  # a model cast: new factors and hooks
+                cached = self._cache(tensors)
+            if (
+                not all(map(operator.is_, map(_GRAD, flat), itertools.repeat(None)))
+                or any(map(_GRAD_FN, flat))
+                or any(map(_POST_ACCUMULATE, flat))  # they must see the modulated gradient
+            ):
+                return False
+        self._scaled[:] = self._unscaled
         if self._low is not None:
             self._low.copy_(self._coeffs)
-        self._put_many(flat, cached[3])
+        self._put_many(flat, cached.claims)
         self._deferred = tensors
         self._queued = False
         return True
+
+    def _cache(self, tensors: Mapping[int, Sequence[Tensor]]) -> _Deferred:
+        """What :meth:`defer` keeps for ``tensors`` (see :class:`_Deferred`)."""
+        flat = [t for ts in tensors.values() for t in ts]
+        claims: list[Callable[[Tensor], None]] = []
+        for ts in tensors.values():
+            claims += [self._trigger if i == 0 else self._marker for i in range(len(ts))]
+        dtypes = list(map(_DTYPE, flat))  # a model cast later gets new factors and hooks
+        cached = self._flat = _Deferred(
+            tensors,
+            flat,
+            self._factors(tensors),
+            claims,
+            [(None, None, None, d) for d in dtypes],
+            dtypes,
+            [(d, False, False) for d in dtypes],
+            [bool(ts) for ts in tensors.values()],
+        )
+        self._rehook = None
+        return cached
 
     def _trigger(self, grad: Tensor) -> None:
         """A deferred modality's first gradient arrived: queue the scaling for the end of this
@@ -402,17 +430,16 @@ class HookSet:
         """Scale the deferred gradients, then hook the tensors for the rest of the block: a
         second backward in it adds its gradients to the scaled ones, so its own are scaled
         as they arrive (by the hooks :meth:`scale` would register)."""
-        tensors = self._deferred
-        if tensors is None or self._flat is None:
+        tensors, cached = self._deferred, self._flat
+        if tensors is None or cached is None:
             return
         self.finish()
-        flat = self._flat[1]
         rehook = self._rehook
         if rehook is None or rehook[0] is not tensors:
             rehook = self._rehook = (tensors, self._hook_fns(tensors, None, None))
         # every deferred tensor holds this block's claim under KEY: one C-level pass
         collections.deque(
-            map(operator.setitem, map(_HOOK_DICT, flat), itertools.repeat(KEY), rehook[1]),
+            map(operator.setitem, map(_HOOK_DICT, cached.flat), itertools.repeat(KEY), rehook[1]),
             maxlen=0,
         )
 
@@ -423,18 +450,16 @@ class HookSet:
         or when the block is left if that did not run (no gradient reached a trigger, or the
         backward raised: what reached ``.grad`` is scaled, as the hooks would have)."""
         deferred, self._deferred = self._deferred, None
-        if deferred is None or self._flat is None:
+        cached = self._flat
+        if deferred is None or cached is None:
             return
-        _, flat, factors, _, _ = self._flat
-        grads = list(map(_GRAD, flat))
-        if (
-            all(map(operator.is_not, grads, itertools.repeat(None)))
-            and list(map(_DTYPE, grads)) == list(map(_DTYPE, flat))
-            and not any(map(_REQUIRES_GRAD, grads))
-            and not any(map(_IS_SPARSE, grads))
-        ):  # the common case: one C++ loop over every gradient (none is in a graph)
-            torch._foreach_mul_(grads, factors)
-            self._scaled[:] = [bool(ts) for ts in deferred.values()]
+        try:
+            state = list(map(_GRAD_STATE, cached.flat))
+        except AttributeError:  # a tensor received no gradient
+            state = None
+        if state == cached.grads:  # the common case: one C++ loop over every gradient
+            torch._foreach_mul_(list(map(_GRAD, cached.flat)), cached.factors)
+            self._scaled[:] = cached.scaled
             return
         for m, ts in deferred.items():
             for t in ts:
@@ -494,7 +519,7 @@ class HookSet:
         hooks of a plain scaling (no transform, no stash) depend only on the tensors, so the
         hooks built the first time are kept and put back as they are.
         """
-        self._scaled[:] = [False] * len(self._views)
+        self._scaled[:] = self._unscaled
         plain = transform is None and stash is None
         if plain and self._low is not None:
             self._low.copy_(self._coeffs)
@@ -570,6 +595,8 @@ class HookSet:
 
     def missed(self) -> list[str]:
         """What each injection that never fired was for."""
+        if not self._what:
+            return []
         return [w for w, f in zip(self._what, self._fired, strict=True) if not f]
 
     def release(self) -> None:
@@ -577,15 +604,16 @@ class HookSet:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for hooks in self._keyed:
-            hooks.pop(KEY, None)
+        collections.deque(map(_POP_KEY, self._keyed), maxlen=0)  # one C-level pass
         self._keyed.clear()
-        for hooks, key in self._observers:
-            hooks.pop(key, None)
-        self._observers.clear()
-        self._fired.clear()
-        self._what.clear()
-        self._scaled[:] = [False] * len(self._scaled)
+        if self._observers:
+            for hooks, key in self._observers:
+                hooks.pop(key, None)
+            self._observers.clear()
+        if self._fired:
+            self._fired.clear()
+            self._what.clear()
+        self._scaled[:] = self._unscaled
 
     def _adder(
         self, g: Tensor, slot: int, loss_scale: LossScale

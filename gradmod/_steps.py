@@ -14,7 +14,7 @@ from ._errors import StepError
 from ._protocol import Binding, LossScale, Method, Needs, Reduce, Step, StepPlan
 from ._validate import ParameterWatch, check_features
 
-__all__ = ["block_weight", "check_half", "check_step", "check_weight", "no_gradient"]
+__all__ = ["block_weight", "check_half", "check_step", "check_weight", "new_step", "no_gradient"]
 
 
 def block_weight(weight: float) -> float:
@@ -30,6 +30,34 @@ def block_weight(weight: float) -> float:
             f"weight must be a finite number > 0 (1/n for n micro-batches); got {weight!r}"
         )
     return float(weight)
+
+
+def new_step(
+    features: Mapping[str, Tensor],
+    targets: Tensor,
+    reduce: Reduce,
+    boundary: bool,
+    loss_scale: LossScale,
+    rank: int,
+    world: int,
+    weight: float,
+) -> Step:
+    """``Step(...)`` of these fields (no ``carry``), built with one dict update instead of the
+    frozen dataclass's ``__init__`` (an ``object.__setattr__`` per field, at every block).
+    ``tests/test_engine_semantics.py`` holds it equal to the dataclass's own."""
+    step = object.__new__(Step)
+    step.__dict__.update(
+        features=features,
+        targets=targets,
+        reduce=reduce,
+        boundary=boundary,
+        loss_scale=loss_scale,
+        carry=None,
+        rank=rank,
+        world=world,
+        weight=weight,
+    )
+    return step
 
 
 def check_step(
@@ -60,16 +88,7 @@ def check_step(
     step = None
     if not problems:
         assert targets is not None
-        step = Step(
-            features or {},
-            targets,
-            reduce,
-            boundary,
-            loss_scale,
-            rank=rank,
-            world=world,
-            weight=weight,
-        )
+        step = new_step(features or {}, targets, reduce, boundary, loss_scale, rank, world, weight)
         problems.extend(method.check_step(binding, step))
     if problems:
         raise StepError("; ".join(problems))
@@ -77,12 +96,18 @@ def check_step(
     return step
 
 
+def adds_own_gradients(plan: StepPlan) -> bool:
+    """Whether the plan adds gradients of the method's own (injected, accumulated, or combined
+    into the encoders'), which the user's loss scaling and averaging do not reach."""
+    return bool(plan.inject or plan.accumulate or plan.combine)
+
+
 def check_weight(
     method: Method, plan: StepPlan, *, boundary: bool, explicit: bool, window_open: bool
 ) -> None:
     """Refuse a block of an accumulation window without ``weight=`` when the method adds
     gradients of its own: whether the user's loss is divided by ``n`` is not knowable."""
-    if explicit or not (plan.inject or plan.accumulate or plan.combine):
+    if explicit or not adds_own_gradients(plan):
         return
     if boundary and not window_open:
         return
@@ -99,7 +124,7 @@ def check_half(plan: StepPlan, features: Mapping[str, Tensor], grad_scaler: obje
     """Refuse float16 features without a ``grad_scaler`` when the method adds gradients of its
     own: float16 training scales its loss with a ``GradScaler``, and gradients added without its
     scale would be off by it after ``unscale_`` (``grad_scaler=False``: no scaler, on purpose)."""
-    if grad_scaler is not None or not (plan.inject or plan.accumulate or plan.combine):
+    if grad_scaler is not None or not adds_own_gradients(plan):
         return
     if any(f.dtype == torch.float16 for f in features.values()):
         raise StepError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import operator
 import sys
 from collections.abc import Mapping, Sequence
@@ -12,6 +13,8 @@ from torch import Tensor, nn, optim
 from ._errors import ConfigurationError
 from ._groups import Slot, fsdp_unsharded, is_sharded, reachable_leaves
 from ._protocol import Binding, Method, Needs, Targets
+
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 __all__ = [
     "ParameterWatch",
@@ -207,12 +210,11 @@ class ParameterWatch:
         self._hooked = list(hooked)
 
     def problems(self) -> list[str]:
-        grad = operator.attrgetter("requires_grad")
         current = map(dict.get, self._dicts, self._keys)
         if (
             not any(map(operator.is_not, current, self._objects))
-            and not any(map(grad, self._skipped))
-            and all(map(grad, self._hooked))
+            and not any(map(_REQUIRES_GRAD, self._skipped))
+            and all(map(_REQUIRES_GRAD, self._hooked))
         ):
             return []
         return check_parameters(
@@ -277,6 +279,13 @@ def check_features(
 ) -> None:
     """One step's features: keys and types, and graph attachment where hooks need it
     (``needs``: the method's declaration, read at construction; default: asked again)."""
+    if (  # the common case, in one pass each: every modality's tensor, live where needed
+        features is not None
+        and features.keys() == set(names)
+        and all(map(isinstance, features.values(), itertools.repeat(Tensor)))
+        and (not live or all(map(_REQUIRES_GRAD, features.values())))
+    ):
+        return
     who = type(method).__name__
     need = live or (needs if needs is not None else method.needs()).features
     if features is None:

@@ -38,12 +38,25 @@ class Wiring:
     ) -> None:
         self.binding, self.targets, self.needs, self.mode = binding, targets, needs, mode
         self.update = update
+        # whether a block hooks the features (they must be in the autograd graph)
+        self.live = needs.injects_into_features or (
+            not update
+            and (mode == "feature" or needs.level == "responses" or needs.combines_gradients)
+        )
+        # a plain plan (coefficients only) is scaled on leaving the backward (HookSet.defer)
+        self._deferrable = (
+            needs.level == "encoders"
+            and mode == "parameter"
+            and not update
+            and not needs.combines_gradients
+        )
         device = binding.device
         # float64: exact for float64 models; a 0-d factor never promotes a bf16/fp32 gradient.
         coefficients = torch.ones(
             len(binding.names), device=device, dtype=coefficient_dtype(device)
         )
         self.coefficients = coefficients
+        self._on_cpu = coefficients.device.type == "cpu"
         self.hooks = HookSet(torch.ones_like(coefficients) if update else coefficients)
         self._seen: _Observation | None = None  # the monitor's hooks, built on first use
         self._how: str | None = None  # how this block's norms are read, when monitored
@@ -66,21 +79,11 @@ class Wiring:
                 f"{type(method).__name__}.plan returned coefficients of shape "
                 f"{tuple(c.shape)}; expected {tuple(k.shape)}"
             )
-        k.copy_(c.detach())
-        # Defensive: a non-finite coefficient never reaches a gradient (1 = untouched).
-        k.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
-
-    def live_features(self) -> bool:
-        """Whether this block hooks the features (they must be in the autograd graph)."""
-        n = self.needs
-        if self.update:
-            return n.injects_into_features
-        return (
-            self.mode == "feature"
-            or n.level == "responses"
-            or n.injects_into_features
-            or n.combines_gradients
-        )
+        k.copy_(c.detach() if c.requires_grad else c)
+        # Defensive: a non-finite coefficient never reaches a gradient (1 = untouched). On the
+        # CPU the values are read first (no op when all are finite); elsewhere no host sync.
+        if not self._on_cpu or not all(map(math.isfinite, k.tolist())):
+            k.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
 
     def _encoder_tensors(self) -> dict[int, list[Tensor]]:
         """The tensors of each modality that get a parameter hook (built once: the same mapping
@@ -103,6 +106,16 @@ class Wiring:
         """Register this block's hooks: claims, injections, scaling (or the transform), the
         method's extra hooks, and the monitor's observers."""
         hooks = self.hooks
+        if (  # the common case, in short: what the rest does for a plan of coefficients only
+            self._deferrable
+            and monitor is None
+            and plan.transform is None
+            and plan.combine is None
+            and not plan.inject
+            and not plan.hooks
+            and hooks.defer(self._encoder_tensors())
+        ):
+            return
         on_params = self.needs.level == "encoders" and self.mode == "parameter"
         if self.update:  # the coefficients act on the step, not here
             on_params = on_params and plan.transform is not None

@@ -9,6 +9,7 @@ is used where its classifiers, direction loss or state are what is tested.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import io
 import math
@@ -129,6 +130,77 @@ def test_parameter_mode_scales_each_encoder_and_nothing_else() -> None:
             close64(p.grad, c[m] * ref[name], name)
             assert torch.equal(p.grad, scaled(plain[name].grad, c[m])), name
     assert n_enc == 12
+
+
+def test_the_engines_step_is_the_dataclasss_step() -> None:
+    """The engine builds each block's Step without the frozen dataclass's __init__: the same
+    fields, the same values, and still frozen."""
+    from gradmod._steps import new_step
+
+    feats, y = {"a": torch.ones(2)}, torch.zeros(2)
+
+    def reduce(t: Tensor) -> Tensor:
+        return t
+
+    def loss_scale() -> Tensor | None:
+        return None
+
+    fast = new_step(feats, y, reduce, False, loss_scale, 2, 3, 0.5)
+    slow = gradmod.Step(feats, y, reduce, False, loss_scale, rank=2, world=3, weight=0.5)
+    assert type(fast) is gradmod.Step
+    assert set(vars(fast)) == {f.name for f in dataclasses.fields(gradmod.Step)}
+    assert all(getattr(fast, k) is getattr(slow, k) for k in vars(slow))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.weight = 1.0  # type: ignore[misc]
+
+
+class GradCoefficients(gradmod.Method):
+    """Coefficients that are part of an autograd graph (a learned schedule, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(COEFFS, dtype=F64))
+
+    def plan(self, binding: gradmod.Binding, step: gradmod.Step) -> gradmod.StepPlan:
+        return gradmod.StepPlan(self.w.to(binding.device) * 1.0)
+
+
+def test_coefficients_in_a_graph_are_taken_by_value() -> None:
+    model = make_model()
+    twin = copy.deepcopy(model)
+    xs, y = batch()
+    method = GradCoefficients()
+    ctx = gradmod.ModulationContext(model, encoders=encoders_of(model), method=method)
+    step(model, ctx, xs, y)
+    plain_step(twin, xs, y)
+    # the context keeps no graph of the method's: its coefficient tensor holds the value only
+    assert not ctx._wiring.coefficients.requires_grad and method.w.grad is None
+    plain = dict(twin.named_parameters())
+    for name, p in model.named_parameters():
+        m = modality_of(name)
+        want = scaled(plain[name].grad, c_of(COEFFS)[m]) if m else plain[name].grad
+        assert torch.equal(p.grad, want), name
+
+
+@pytest.mark.parametrize("mode", ["parameter", "feature"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_coefficient_leaves_its_modality_untouched(mode: str, bad: float) -> None:
+    model = make_model()
+    twin = copy.deepcopy(model)
+    xs, y = batch()
+    coeffs = [bad, 2.0, 0.5]
+    ctx = fixed_ctx(model, coeffs, mode=mode)
+    step(model, ctx, xs, y)
+    plain_step(twin, xs, y)
+    assert ctx.coefficients.tolist() == [1.0, 2.0, 0.5]
+    plain = dict(twin.named_parameters())
+    want = dict(zip(NAMES, [1.0, 2.0, 0.5], strict=True))
+    for name, p in model.named_parameters():
+        m = modality_of(name)
+        if m is None:
+            assert torch.equal(p.grad, plain[name].grad), name
+        else:
+            close64(p.grad, want[m] * plain[name].grad, name)
 
 
 class SharedStem(nn.Module):

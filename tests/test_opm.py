@@ -333,7 +333,7 @@ def test_ddp_seeding_one_decision_per_step_masks_per_rank(monkeypatch: pytest.Mo
     assert any(decided) and not all(decided)
     drops = next(n for n in range(64) if official_execute(7, n, 0, 0.5))
     method.steps.fill_(drops)
-    monkeypatch.setattr(gradmod._dist, "rank", lambda group: 1)  # type: ignore[attr-defined]
+    monkeypatch.setattr(gradmod._dist, "rank_and_world", lambda group: (1, 1))  # type: ignore[attr-defined]
     got = step(net, ctx, 1)
     q = ctx.scores["drop_probability"]
     assert float(q.max()) >= 0.5

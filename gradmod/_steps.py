@@ -14,7 +14,14 @@ from ._errors import StepError
 from ._protocol import Binding, LossScale, Method, Needs, Reduce, Step, StepPlan
 from ._validate import ParameterWatch, check_features
 
-__all__ = ["block_weight", "check_half", "check_step", "check_weight", "new_step", "no_gradient"]
+__all__ = [
+    "adds_own_gradients",
+    "block_weight",
+    "check_half",
+    "check_step",
+    "check_weight",
+    "no_gradient",
+]
 
 
 def block_weight(weight: float) -> float:
@@ -30,34 +37,6 @@ def block_weight(weight: float) -> float:
             f"weight must be a finite number > 0 (1/n for n micro-batches); got {weight!r}"
         )
     return float(weight)
-
-
-def new_step(
-    features: Mapping[str, Tensor],
-    targets: Tensor,
-    reduce: Reduce,
-    boundary: bool,
-    loss_scale: LossScale,
-    rank: int,
-    world: int,
-    weight: float,
-) -> Step:
-    """``Step(...)`` of these fields (no ``carry``), built with one dict update instead of the
-    frozen dataclass's ``__init__`` (an ``object.__setattr__`` per field, at every block).
-    ``tests/test_engine_semantics.py`` holds it equal to the dataclass's own."""
-    step = object.__new__(Step)
-    step.__dict__.update(
-        features=features,
-        targets=targets,
-        reduce=reduce,
-        boundary=boundary,
-        loss_scale=loss_scale,
-        carry=None,
-        rank=rank,
-        world=world,
-        weight=weight,
-    )
-    return step
 
 
 def check_step(
@@ -88,7 +67,16 @@ def check_step(
     step = None
     if not problems:
         assert targets is not None
-        step = new_step(features or {}, targets, reduce, boundary, loss_scale, rank, world, weight)
+        step = Step(
+            features or {},
+            targets,
+            reduce,
+            boundary,
+            loss_scale,
+            rank=rank,
+            world=world,
+            weight=weight,
+        )
         problems.extend(method.check_step(binding, step))
     if problems:
         raise StepError("; ".join(problems))

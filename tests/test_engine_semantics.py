@@ -9,7 +9,6 @@ is used where its classifiers, direction loss or state are what is tested.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import gc
 import io
 import math
@@ -130,28 +129,6 @@ def test_parameter_mode_scales_each_encoder_and_nothing_else() -> None:
             close64(p.grad, c[m] * ref[name], name)
             assert torch.equal(p.grad, scaled(plain[name].grad, c[m])), name
     assert n_enc == 12
-
-
-def test_the_engines_step_is_the_dataclasss_step() -> None:
-    """The engine builds each block's Step without the frozen dataclass's __init__: the same
-    fields, the same values, and still frozen."""
-    from gradmod._steps import new_step
-
-    feats, y = {"a": torch.ones(2)}, torch.zeros(2)
-
-    def reduce(t: Tensor) -> Tensor:
-        return t
-
-    def loss_scale() -> Tensor | None:
-        return None
-
-    fast = new_step(feats, y, reduce, False, loss_scale, 2, 3, 0.5)
-    slow = gradmod.Step(feats, y, reduce, False, loss_scale, rank=2, world=3, weight=0.5)
-    assert type(fast) is gradmod.Step
-    assert set(vars(fast)) == {f.name for f in dataclasses.fields(gradmod.Step)}
-    assert all(getattr(fast, k) is getattr(slow, k) for k in vars(slow))
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        fast.weight = 1.0  # type: ignore[misc]
 
 
 class GradCoefficients(gradmod.Method):

@@ -1,4 +1,5 @@
-"""Pieces shared by the methods that run unimodal heads: forward/backward and global means."""
+"""Pieces shared by the methods that run unimodal heads: forward/backward, unimodal logits off a
+linear fusion head, and global means."""
 
 from __future__ import annotations
 
@@ -8,9 +9,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .._protocol import Reduce
+from .._errors import StepError
+from .._protocol import Binding, Reduce
 
-__all__ = ["HeadRun", "global_mean", "run_heads"]
+__all__ = [
+    "HeadRun",
+    "fusion_width_problem",
+    "global_mean",
+    "logits_problems",
+    "run_heads",
+    "unimodal_logits",
+]
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -89,3 +98,69 @@ def global_mean(scores: Sequence[Tensor], reduce: Reduce, like: Tensor) -> Tenso
         counts.append(s.new_full((), float(s.numel())))  # a fill: no host-to-device copy
     totals = reduce(torch.stack([torch.stack(sums), torch.stack(counts)]).to(like.device))
     return totals[0] / totals[1].clamp_min(1.0)
+
+
+def logits_problems(who: str, binding: Binding) -> list[str]:
+    """What keeps :func:`unimodal_logits` from reading unimodal logits off ``binding``."""
+    if binding.classifiers is None and not isinstance(binding.fusion_module, nn.Linear):
+        got = type(binding.fusion_module).__name__ if binding.fusion_module else "nothing"
+        return [
+            f"{who} reads unimodal logits off the fusion head: pass fusion= one nn.Linear "
+            f"over the concatenated features (got {got}), or the per-modality parts of a "
+            "sum head as classifiers"
+        ]
+    return []
+
+
+def fusion_width_problem(who: str, head: nn.Linear, widths: Sequence[int]) -> str | None:
+    """Why ``head`` is not one Linear over features of these widths concatenated, or ``None``."""
+    if sum(widths) == head.in_features:
+        return None
+    return (
+        f"the fusion Linear takes {head.in_features} inputs but the features' widths "
+        f"{list(widths)} add up to {sum(widths)}: {who} needs the fusion head to be one "
+        "Linear over the features concatenated in modality order"
+    )
+
+
+def unimodal_logits(
+    who: str,
+    binding: Binding,
+    features: Sequence[Tensor],
+    *,
+    live: bool = False,
+    detach_head: bool = True,
+) -> list[Tensor]:
+    r"""Each modality's unimodal logits :math:`z_m`: ``classifiers[m](h_m)``, or for one
+    ``nn.Linear`` fusion head over the concatenation, :math:`h_m W_m^\top + b/M` (OGM-GE, OPM,
+    InfoReg).
+
+    No gradient, unless ``live``: then the logits are in the graph of the features and of the
+    classifiers, and with ``detach_head=False`` of the fusion head's weight and bias too
+    (InfoReg trains the head with the unimodal losses; OGM-GE and OPM detach it, as their
+    official code does).
+
+    Raises:
+        StepError: the fusion head does not take the features' widths.
+    """
+    feats = list(features) if live else [f.detach() for f in features]
+    with torch.set_grad_enabled(live):
+        if binding.classifiers is not None:
+            heads = [binding.classifiers[n] for n in binding.names]
+            return [h(f) for h, f in zip(heads, feats, strict=True)]
+        head = binding.fusion_module
+        assert isinstance(head, nn.Linear)
+        widths = [f.shape[-1] for f in features]
+        problem = fusion_width_problem(who, head, widths)
+        if problem is not None:
+            raise StepError(problem)
+        weight: Tensor = head.weight
+        bias: Tensor | None = head.bias
+        if detach_head:
+            weight, bias = weight.detach(), bias.detach() if bias is not None else None
+        m = len(features)
+        out = []
+        for f, w in zip(feats, weight.split(widths, dim=1), strict=True):
+            z = f.to(w.dtype) @ w.T
+            out.append(z + bias / m if bias is not None else z)
+        return out

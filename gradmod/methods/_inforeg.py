@@ -23,6 +23,7 @@ from .._protocol import (
     finite_step,
 )
 from ._args import Check, check_args
+from ._heads import fusion_width_problem, unimodal_logits
 from ._registry import register
 
 __all__ = ["InfoReg"]
@@ -245,12 +246,9 @@ class InfoReg(Method):
         fusion = binding.fusion_module
         if isinstance(fusion, nn.Linear):
             widths = [int(step.features[n].shape[-1]) for n in binding.names]
-            if sum(widths) != fusion.in_features:
-                problems.append(
-                    f"the fusion Linear takes {fusion.in_features} inputs but the features' "
-                    f"widths {widths} add up to {sum(widths)}: InfoReg needs the fusion head to "
-                    "be one Linear over the features concatenated in modality order"
-                )
+            problem = fusion_width_problem("InfoReg", fusion, widths)
+            if problem is not None:
+                problems.append(problem)
         size = sum(p.numel() for ps in binding.groups.values() for p in ps)
         if int(self.anchor_epoch) >= 0 and self.anchor.numel() != size:
             problems.append(
@@ -373,13 +371,8 @@ class InfoReg(Method):
         train = self.weight > 0
         if train:
             feats = [f.requires_grad_(True) for f in feats]
-        widths = [f.shape[-1] for f in feats]
         with torch.enable_grad() if train else torch.no_grad():
-            blocks = head.weight.split(widths, dim=1)
-            logits = []
-            for f, w in zip(feats, blocks, strict=True):
-                z = f @ w.T
-                logits.append(z + head.bias / m if head.bias is not None else z)
+            logits = unimodal_logits("InfoReg", binding, feats, live=train, detach_head=False)
             accumulate: list[tuple[Tensor, Tensor]] = []
             inject: list[Injection] = []
             if train:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import functional as GF
 from .._errors import StepError
@@ -26,6 +26,7 @@ from .._protocol import (
     finite_step,
 )
 from ._args import check_args
+from ._heads import logits_problems, unimodal_logits
 from ._registry import register
 
 __all__ = ["OGMGE"]
@@ -358,50 +359,6 @@ def _seed(seed: int, noise_step: int, m: int, i: int | None = None) -> int:
     a tensor whose gradient does not have its parameter's size)."""
     key = (seed, noise_step, m) if i is None else (seed, noise_step, m, i)
     return hash(key) % _SEED_SPACE
-
-
-def logits_problems(who: str, binding: Binding) -> list[str]:
-    """What keeps :func:`unimodal_logits` from reading unimodal logits off ``binding``."""
-    if binding.classifiers is None and not isinstance(binding.fusion_module, nn.Linear):
-        got = type(binding.fusion_module).__name__ if binding.fusion_module else "nothing"
-        return [
-            f"{who} reads unimodal logits off the fusion head: pass fusion= one nn.Linear "
-            f"over the concatenated features (got {got}), or the per-modality parts of a "
-            "sum head as classifiers"
-        ]
-    return []
-
-
-def unimodal_logits(
-    who: str, binding: Binding, features: list[Tensor], *, live: bool = False
-) -> list[Tensor]:
-    r"""OGM-GE's (and OPM's) unimodal logits :math:`z_m`: ``classifiers[m](h_m)``, or for one
-    ``nn.Linear`` fusion head over the concatenation, :math:`h_m W_m^\top + b/M`.
-
-    No gradient, unless ``live``: then the logits are in the graph of the features (and of the
-    classifiers; the fusion head's weight and bias are detached, as in the official code)."""
-    feats = features if live else [f.detach() for f in features]
-    with torch.set_grad_enabled(live):
-        if binding.classifiers is not None:
-            heads = [binding.classifiers[n] for n in binding.names]
-            return [h(f) for h, f in zip(heads, feats, strict=True)]
-        head = binding.fusion_module
-        assert isinstance(head, nn.Linear)
-        widths = [f.shape[-1] for f in features]
-        if sum(widths) != head.in_features:
-            raise StepError(
-                f"the fusion Linear takes {head.in_features} inputs but the features' widths "
-                f"{widths} add up to {sum(widths)}: {who} needs the fusion head to be one "
-                "Linear over the features concatenated in modality order"
-            )
-        blocks = head.weight.detach().split(widths, dim=1)
-        bias = head.bias.detach() if head.bias is not None else None
-        m = len(features)
-        out = []
-        for f, w in zip(feats, blocks, strict=True):
-            z = f.to(w.dtype) @ w.T
-            out.append(z + bias / m if bias is not None else z)
-        return out
 
 
 class _NoiseBlock:

@@ -20,7 +20,7 @@ from .._protocol import (
     coefficient_dtype,
 )
 from ._args import check_args
-from ._ogm import logits_problems, unimodal_logits
+from ._heads import logits_problems, unimodal_logits
 from ._registry import register
 
 __all__ = ["OPM"]

@@ -279,6 +279,11 @@ def check_features(
 ) -> None:
     """One step's features: keys and types, and graph attachment where hooks need it
     (``needs``: the method's declaration, read at construction; default: asked again)."""
+    if features is not None and not isinstance(features, Mapping):
+        problems.append(
+            f"features must be a mapping {{modality name: tensor}}; got a {type(features).__name__}"
+        )
+        return
     if (  # the common case, in one pass each: every modality's tensor, live where needed
         features is not None
         and features.keys() == set(names)

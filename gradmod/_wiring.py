@@ -113,8 +113,10 @@ class Wiring:
             and plan.combine is None
             and not plan.inject
             and not plan.hooks
-            and hooks.defer(self._encoder_tensors())
         ):
+            tensors = self._encoder_tensors()
+            if not hooks.defer(tensors):  # a later micro-batch of a window: hooks instead
+                hooks.scale(tensors, None, None, reuse=True)
             return
         on_params = self.needs.level == "encoders" and self.mode == "parameter"
         if self.update:  # the coefficients act on the step, not here

@@ -172,3 +172,36 @@ def test_a_model_moved_after_construction_is_followed() -> None:
             assert float(p.grad.abs().max()) == 0.0, name
         else:
             assert torch.equal(p.grad, q.grad), name
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("list", "features must be a mapping"),
+        ("missing", "do not match the modalities"),
+        ("extra", "do not match the modalities"),
+        ("not a tensor", r"features\['a'\] is a float, not a tensor"),
+        ("detached", r"features\['a'\] is not attached to the autograd graph"),
+    ],
+)
+def test_unusable_features_are_refused_before_anything_changes(bad: str, message: str) -> None:
+    model = make_model()
+    method = FixedMethod([[2.0, 3.0, 4.0]])
+    ctx = gradmod.ModulationContext(
+        model, encoders={n: f"enc.{n}" for n in NAMES}, method=method, mode="feature"
+    )
+    xs, y = batch()
+    loss, feats = loss_of(model, xs, y)
+    given: object = {
+        "list": list(feats.values()),
+        "missing": {n: feats[n] for n in NAMES[:-1]},
+        "extra": {**feats, "z": feats["a"]},
+        "not a tensor": {**feats, "a": 1.0},
+        "detached": {**feats, "a": feats["a"].detach()},
+    }[bad]
+    refused = pytest.raises(gradmod.StepError, match=message)
+    with refused, ctx(features=given, targets=y):  # type: ignore[arg-type]
+        loss.backward()
+    assert method.calls == 0
+    assert hook_count(list(model.parameters())) == 0
+    assert all(p.grad is None for p in model.parameters())

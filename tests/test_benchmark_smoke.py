@@ -195,7 +195,7 @@ def _head_params(heads: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parame
     return {f"heads.{n}.{k}": p for n, h in heads.items() for k, p in h.named_parameters()}
 
 
-@pytest.mark.parametrize("mode", ["parameter", "feature"])
+@pytest.mark.parametrize("mode", ["parameter", "feature", "claims"])
 def test_floor_rows_modulate_as_the_engine_rows(mode: str) -> None:
     """A floor row applies the engine row's coefficients to the same gradients (it only leaves
     out the engine's checks and bookkeeping): the same gradients step after step, and not the
@@ -214,7 +214,12 @@ def test_floor_rows_modulate_as_the_engine_rows(mode: str) -> None:
 
     cpu = torch.device("cpu")
     steps = [
-        bench.method_step(models[0], bench.FixedCoefficients(), mode=mode, make_opt=make_opt),
+        bench.method_step(
+            models[0],
+            bench.FixedCoefficients(),
+            mode="parameter" if mode == "claims" else mode,
+            make_opt=make_opt,
+        ),
         bench.floor_step(models[1], cpu, mode=mode, make_opt=make_opt),
     ]
     g = torch.Generator().manual_seed(5)

@@ -50,9 +50,9 @@ class _Deferred(NamedTuple):
     factors: list[Tensor]  # the 0-d factor of each tensor's gradient
     claims: list[Callable[[Tensor], None]]  # what each holds in its hook dict meanwhile
     state: list[tuple[object, ...]]  # each tensor's _TENSOR_STATE when it can be deferred
-    dtypes: list[torch.dtype]
     grads: list[tuple[object, ...]]  # each gradient's _GRAD_STATE where one foreach scales all
     scaled: list[bool]  # HookSet._scaled once the gradients were scaled
+    rehook: list[Callable[[Tensor], Tensor]]  # the scaling hooks put back after the backward
 
 
 #: autograd's engine: ``queue_callback`` runs a function when the current backward ends, before
@@ -292,7 +292,6 @@ class HookSet:
         # the tensors scaled at the end of the backward instead of by hooks (:meth:`defer`)
         self._deferred: Mapping[int, Sequence[Tensor]] | None = None
         self._queued = False  # the end-of-backward scaling is queued with the engine
-        self._rehook: tuple[object, list[Callable[[Tensor], Tensor]]] | None = None
         # the deferred tensors in one list, the factor of each (by its dtype), and what each
         # holds in its hook dict meanwhile (the claim; the trigger on each modality's first)
         self._flat: _Deferred | None = None
@@ -301,7 +300,7 @@ class HookSet:
         """Copies rebuild their cached hooks: those are methods bound to views of THESE
         coefficients (``copy`` keeps built-in methods as they are), and a fresh claim marker."""
         state = self.__dict__.copy()
-        state.update(_prepared=None, _rehook=None, _flat=None, _marker=_claim_marker())
+        state.update(_prepared=None, _flat=None, _marker=_claim_marker())
         return state
 
     # --------------------------------------------------------------------------- registering
@@ -376,7 +375,7 @@ class HookSet:
             cached = self._cache(tensors)
         flat = cached.flat
         if list(map(_TENSOR_STATE, flat)) != cached.state:  # one C-level pass, commonly
-            if list(map(_DTYPE, flat)) != cached.dtypes:  # a model cast: new factors and hooks
+            if [t.dtype for t in flat] != [s[-1] for s in cached.state]:  # a model cast
                 cached = self._cache(tensors)
             if (
                 not all(map(operator.is_, map(_GRAD, flat), itertools.repeat(None)))
@@ -405,11 +404,10 @@ class HookSet:
             self._factors(tensors),
             claims,
             [(None, None, None, d) for d in dtypes],
-            dtypes,
             [(d, False, False) for d in dtypes],
             [bool(ts) for ts in tensors.values()],
+            self._hook_fns(tensors, None, None),
         )
-        self._rehook = None
         return cached
 
     def _trigger(self, grad: Tensor) -> None:
@@ -430,16 +428,15 @@ class HookSet:
         """Scale the deferred gradients, then hook the tensors for the rest of the block: a
         second backward in it adds its gradients to the scaled ones, so its own are scaled
         as they arrive (by the hooks :meth:`scale` would register)."""
-        tensors, cached = self._deferred, self._flat
-        if tensors is None or cached is None:
+        cached = self._flat
+        if self._deferred is None or cached is None:
             return
         self.finish()
-        rehook = self._rehook
-        if rehook is None or rehook[0] is not tensors:
-            rehook = self._rehook = (tensors, self._hook_fns(tensors, None, None))
         # every deferred tensor holds this block's claim under KEY: one C-level pass
         collections.deque(
-            map(operator.setitem, map(_HOOK_DICT, cached.flat), itertools.repeat(KEY), rehook[1]),
+            map(
+                operator.setitem, map(_HOOK_DICT, cached.flat), itertools.repeat(KEY), cached.rehook
+            ),
             maxlen=0,
         )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import operator
 import sys
 from collections.abc import Mapping, Sequence
@@ -283,13 +282,6 @@ def check_features(
         problems.append(
             f"features must be a mapping {{modality name: tensor}}; got a {type(features).__name__}"
         )
-        return
-    if (  # the common case, in one pass each: every modality's tensor, live where needed
-        features is not None
-        and features.keys() == set(names)
-        and all(map(isinstance, features.values(), itertools.repeat(Tensor)))
-        and (not live or all(map(_REQUIRES_GRAD, features.values())))
-    ):
         return
     who = type(method).__name__
     need = live or (needs if needs is not None else method.needs()).features

@@ -43,13 +43,6 @@ class Wiring:
             not update
             and (mode == "feature" or needs.level == "responses" or needs.combines_gradients)
         )
-        # a plain plan (coefficients only) is scaled on leaving the backward (HookSet.defer)
-        self._deferrable = (
-            needs.level == "encoders"
-            and mode == "parameter"
-            and not update
-            and not needs.combines_gradients
-        )
         device = binding.device
         # float64: exact for float64 models; a 0-d factor never promotes a bf16/fp32 gradient.
         coefficients = torch.ones(
@@ -106,18 +99,6 @@ class Wiring:
         """Register this block's hooks: claims, injections, scaling (or the transform), the
         method's extra hooks, and the monitor's observers."""
         hooks = self.hooks
-        if (  # the common case, in short: what the rest does for a plan of coefficients only
-            self._deferrable
-            and monitor is None
-            and plan.transform is None
-            and plan.combine is None
-            and not plan.inject
-            and not plan.hooks
-        ):
-            tensors = self._encoder_tensors()
-            if not hooks.defer(tensors):  # a later micro-batch of a window: hooks instead
-                hooks.scale(tensors, None, None, reuse=True)
-            return
         on_params = self.needs.level == "encoders" and self.mode == "parameter"
         if self.update:  # the coefficients act on the step, not here
             on_params = on_params and plan.transform is not None

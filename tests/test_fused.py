@@ -49,6 +49,23 @@ def _block(
     return deferred
 
 
+def _assert_scaled(
+    got: dict[str, Tensor | None],
+    ref: dict[str, Tensor],
+    k: list[float] = K,
+    *,
+    rtol: float = RTOL,
+    atol: float = ATOL,
+) -> None:
+    """Every gradient in ``got`` is its modality's ``k`` times the float64 reference ``ref``
+    (unscaled outside the encoders)."""
+    for name, g in got.items():
+        m = modality_of(name)
+        assert g is not None, name
+        want = ref[name] * (k[NAMES.index(m)] if m else 1.0)
+        torch.testing.assert_close(g.double().cpu(), want, rtol=rtol, atol=atol, msg=name)
+
+
 @pytest.mark.parametrize("dtype", [DTYPE, torch.bfloat16], ids=str)
 def test_scaling_on_leaving_equals_the_hooks_bit_for_bit(dtype: torch.dtype) -> None:
     """The gradient scaled in place on leaving the block is the hook's product exactly, and
@@ -62,13 +79,8 @@ def test_scaling_on_leaving_equals_the_hooks_bit_for_bit(dtype: torch.dtype) -> 
         runs[set_to_none] = grads(model)
     for name, g in runs[True].items():
         assert g is not None and torch.equal(g, runs[False][name]), name
-    ref = plain_grads(base, *batch())
-    for name, g in runs[True].items():
-        m = modality_of(name)
-        want = ref[name] * (K[NAMES.index(m)] if m else 1.0)
-        assert g is not None
-        rtol, atol = (RTOL, ATOL) if dtype == DTYPE else (2e-2, 2e-2)
-        torch.testing.assert_close(g.double().cpu(), want, rtol=rtol, atol=atol)
+    tol = (RTOL, ATOL) if dtype == DTYPE else (2e-2, 2e-2)
+    _assert_scaled(runs[True], plain_grads(base, *batch()), rtol=tol[0], atol=tol[1])
 
 
 def test_a_post_accumulate_grad_hook_sees_the_modulated_gradient() -> None:
@@ -87,10 +99,7 @@ def test_a_post_accumulate_grad_hook_sees_the_modulated_gradient() -> None:
     for h in handles:
         h.remove()
     ref = plain_grads(model, *batch())
-    for name, g in seen.items():
-        m = modality_of(name)
-        want = ref[name] * (K[NAMES.index(m)] if m else 1.0)
-        torch.testing.assert_close(g.double().cpu(), want, rtol=RTOL, atol=ATOL)
+    _assert_scaled(dict(seen), ref)
     assert len(seen) == len(ref)
 
 
@@ -126,12 +135,7 @@ def test_a_block_that_raises_after_backward_leaves_no_claim_and_scales_what_arri
         loss.backward()
         raise KeyError("after backward")
     assert not HookSet.held_elsewhere([p for p in model.parameters()])
-    ref = plain_grads(model, xs, y)
-    for name, g in grads(model).items():
-        m = modality_of(name)
-        want = ref[name] * (K[NAMES.index(m)] if m else 1.0)
-        assert g is not None
-        torch.testing.assert_close(g.double().cpu(), want, rtol=RTOL, atol=ATOL)
+    _assert_scaled(grads(model), plain_grads(model, xs, y))
 
 
 def test_what_the_block_does_after_backward_sees_the_modulated_gradients() -> None:
@@ -299,12 +303,7 @@ def test_scaling_deferred_is_used_for_a_float64_model_too() -> None:
     model = make_model(dtype=F64)
     ctx = gradmod.ModulationContext(model, encoders=ENCODERS, method=FixedMethod([K]))
     assert _block(model, ctx, set_to_none=True)
-    ref = plain_grads(model, *batch(dtype=F64))
-    for name, g in grads(model).items():
-        m = modality_of(name)
-        want = ref[name] * (K[NAMES.index(m)] if m else 1.0)
-        assert g is not None
-        torch.testing.assert_close(g.cpu(), want, rtol=1e-12, atol=1e-14)
+    _assert_scaled(grads(model), plain_grads(model, *batch(dtype=F64)), rtol=1e-12, atol=1e-14)
 
 
 @settings(max_examples=40, deadline=None)
@@ -360,11 +359,7 @@ def test_a_copied_context_scales_with_its_own_coefficients() -> None:
     for set_to_none in (True, False):
         _block(model_copy, ctx_copy, set_to_none=set_to_none)
         ref = plain_grads(model_copy, *batch(dtype=F64))
-        for name, g in grads(model_copy).items():
-            m = modality_of(name)
-            want = ref[name] * (K[NAMES.index(m)] if m else 1.0)
-            assert g is not None
-            torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-14)
+        _assert_scaled(grads(model_copy), ref, rtol=1e-12, atol=1e-14)
 
 
 def test_a_model_cast_after_steps_gets_factors_of_its_new_dtype() -> None:
@@ -377,12 +372,7 @@ def test_a_model_cast_after_steps_gets_factors_of_its_new_dtype() -> None:
     model.double()
     model.zero_grad(set_to_none=True)
     assert _block(model, ctx, set_to_none=True)
-    ref = plain_grads(model, *batch(dtype=F64))
-    for name, g in grads(model).items():
-        m = modality_of(name)
-        want = ref[name] * (k[NAMES.index(m)] if m else 1.0)
-        assert g is not None
-        torch.testing.assert_close(g, want, rtol=1e-13, atol=1e-15)
+    _assert_scaled(grads(model), plain_grads(model, *batch(dtype=F64)), k, rtol=1e-13, atol=1e-15)
 
 
 def test_a_refused_block_leaves_the_coefficients_and_scores_as_they_were() -> None:

@@ -389,3 +389,22 @@ def test_a_refused_block_leaves_the_coefficients_and_scores_as_they_were() -> No
         loss.backward()
     assert torch.equal(ctx.coefficients, before)
     assert ctx.scores.keys() == scores.keys()
+
+
+def test_autograd_grad_inside_a_deferred_block_is_unmodulated_and_reported() -> None:
+    """What is modulated is what reaches ``.grad``: ``torch.autograd.grad`` inside a block
+    that defers the scaling returns the plain gradient, and the block, through which no
+    modulated gradient passed, is refused on leaving (nothing silently ignored)."""
+    model = make_model(dtype=F64)
+    ctx = gradmod.ModulationContext(model, encoders=ENCODERS, method=FixedMethod([K]))
+    xs, y = batch(dtype=F64)
+    w = model.enc["b"][0].weight
+    (plain,) = torch.autograd.grad(loss_of(model, xs, y)[0], w)  # type: ignore[arg-type]
+    loss, feats = loss_of(model, xs, y)  # type: ignore[arg-type]
+    refused = pytest.raises(gradmod.StepError, match="no modulated gradient passed")
+    with refused, ctx(features=feats, targets=y):
+        assert ctx._wiring.hooks._deferred is not None
+        (got,) = torch.autograd.grad(loss, w)
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)
+    assert all(p.grad is None for p in model.parameters())
+    assert not HookSet.held_elsewhere(list(model.parameters()))

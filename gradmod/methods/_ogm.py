@@ -101,7 +101,7 @@ class OGMGE(Method):
         draw_ahead: on the CPU, draw the next optimizer step's noise on a background thread
             while the model computes (after each step that drew noise; modalities of at least
             2^18 elements): the same numbers (the same seeded draw), off the step's critical
-            path (drawing ~10M normal numbers takes ~50 ms of one core). It holds one noise
+            path (~10M normal numbers take tens of ms of one core). It holds one noise
             buffer per modality between steps. ``False``: draw inside backward.
 
     State (``state_dict``): ``epoch``, ``noise_steps`` (optimizer steps that drew noise),

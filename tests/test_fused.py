@@ -7,6 +7,9 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -291,6 +294,43 @@ def test_a_method_with_noise_drawn_ahead_copies_and_pickles_without_it() -> None
     assert not method._ahead._running
     assert int(method.noise_steps) == 0 and int(method.steps) == 0
     assert method.last_coefficients.numel() == 0
+
+
+_EXIT_AFTER_ONE_STEP = textwrap.dedent(
+    """
+    import torch, torch.nn as nn, torch.nn.functional as F
+    import gradmod
+    torch.set_num_threads(1)
+    # modality a: 8.4M elements, whose next noise (tens of ms) is still being drawn on exit
+    model = nn.ModuleDict(
+        {"a": nn.Linear(4096, 2048), "b": nn.Linear(4, 2048), "head": nn.Linear(4096, 3)}
+    )
+    method = gradmod.OGMGE(window=None)
+    ctx = gradmod.ModulationContext(
+        model, encoders={"a": "a", "b": "b"}, method=method, fusion="head"
+    )
+    y = torch.tensor([0, 1])
+    f = {"a": model["a"](torch.randn(2, 4096)), "b": model["b"](torch.randn(2, 4))}
+    with ctx(features=f, targets=y):
+        F.cross_entropy(model["head"](torch.cat([f["a"], f["b"]], 1)), y).backward()
+    assert len(method._ahead._running) == 1, "the next draw is not under way"
+    print("stepped")
+    """
+)
+
+
+def test_a_script_that_ends_while_noise_is_drawn_ahead_exits_cleanly() -> None:
+    # A draw still running when the interpreter shuts down used to be killed inside torch:
+    # the process aborted (exit status 134) after a successful training script.
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-c", _EXIT_AFTER_ONE_STEP],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() == "stepped"
 
 
 def test_draw_ahead_must_be_a_bool() -> None:

@@ -502,8 +502,11 @@ class _DrawsAhead:
         self.clear()
         for key in keys:
             box: list[Tensor] = []
+            # Not a daemon: the interpreter waits for a draw still running when the script
+            # ends (tens of ms) instead of killing the thread inside torch, which aborts the
+            # process ("terminate called without an active exception", exit status 134).
             thread = threading.Thread(
-                target=_draw, args=(key, box), name="gradmod-ogm-noise", daemon=True
+                target=_draw, args=(key, box), name="gradmod-ogm-noise", daemon=False
             )
             thread.start()
             self._running[key] = (thread, box)

@@ -171,6 +171,13 @@ def _witness(flags: list[bool], m: int, fn: Callable[[Tensor], Tensor], grad: Te
     return fn(grad)
 
 
+def _wide_factor(t: Tensor) -> bool:
+    """Whether ``t``'s gradient is multiplied by the float64 coefficient rather than its float32
+    copy: float64 tensors, and 0-d ones of any dtype (0-d times 0-d computes in float64, and the
+    product is rounded once to the gradient's dtype, as :func:`_mul_0d` does in a hook)."""
+    return t.dtype == torch.float64 or t.dim() == 0
+
+
 def _mul_0d(k: Tensor, grad: Tensor) -> Tensor:
     return (grad * k).to(grad.dtype)
 
@@ -464,7 +471,7 @@ class HookSet:
                 if g is None:
                     continue
                 self._scaled[m] = True
-                k = self._views[m] if g.dtype == torch.float64 else self._low_views[m]
+                k = self._views[m] if _wide_factor(g) else self._low_views[m]
                 if g.is_sparse or g.requires_grad:  # out of place: keeps the graph
                     t.grad = (g * k).to(g.dtype)
                 else:
@@ -472,9 +479,9 @@ class HookSet:
 
     def _factors(self, tensors: Mapping[int, Sequence[Tensor]]) -> list[Tensor]:
         """The 0-d factor of each tensor's gradient: a view of the coefficients (of their
-        float32 copy for float32 and half tensors)."""
+        float32 copy for float32 and half tensors that are not 0-d)."""
         return [
-            self._views[m] if t.dtype == torch.float64 else self._low_views[m]
+            self._views[m] if _wide_factor(t) else self._low_views[m]
             for m, ts in tensors.items()
             for t in ts
         ]

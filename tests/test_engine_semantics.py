@@ -36,6 +36,8 @@ from _models import (
     modality_of,
     plain_grads,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from settings import ATOL, DEVICE, DTYPE, RTOL
 from torch import Tensor, nn
 
@@ -479,6 +481,47 @@ def test_zero_dim_parameter_in_a_group(dtype: torch.dtype) -> None:
     # a 0-d gradient: the float64 product, rounded once to the parameter's dtype
     expect = scaled(twin.enc["a"].temperature.grad, COEFFS[0]).to(dtype)
     assert torch.equal(temp.grad, expect)
+
+
+class _Scalars(nn.Module):
+    """Two scalar parameters, one per modality: ``d(s_a v_a + s_b v_b) / d s_m = v_m`` exactly."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.ones((), dtype=dtype, device=DEVICE))
+        self.b = nn.Parameter(torch.ones((), dtype=dtype, device=DEVICE))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    v=st.floats(-(2.0**100), 2.0**100, width=32, allow_subnormal=False),
+    c=st.floats(1e-3, 8.0),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    accumulated=st.booleans(),
+)
+def test_a_scalar_gradient_is_the_float64_product_rounded_once(
+    v: float, c: float, dtype: torch.dtype, accumulated: bool
+) -> None:
+    """``c * g`` of a 0-d gradient, by hand: the float64 product of the float64 coefficient and
+    the gradient, rounded once to its dtype (never the product of the coefficient already
+    rounded to float32). ``accumulated``: the parameter already holds a (zero) gradient, so
+    the new one is scaled by a hook as it arrives; else the engine scales ``.grad`` at the end
+    of the backward."""
+    model = _Scalars(dtype)
+    ctx = gradmod.ModulationContext(
+        model,
+        encoders={"a": [model.a], "b": [model.b]},
+        method=FixedMethod([[c, 1.0]], uses_features=False),
+    )
+    va = torch.tensor(v, dtype=dtype, device=DEVICE)
+    if accumulated:
+        model.a.grad = torch.zeros_like(model.a)
+    with ctx(targets=torch.zeros(1)):
+        (model.a * va + model.b).backward()
+    assert model.a.grad is not None
+    want = torch.tensor(float(va) * c, dtype=torch.float64).to(dtype)  # Python floats: float64
+    assert model.a.grad.dtype == dtype
+    assert torch.equal(model.a.grad, want.to(DEVICE)), (float(model.a.grad), float(want))
 
 
 # ------------------------------------------------------------------------------ hook leaks

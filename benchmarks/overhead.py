@@ -69,6 +69,9 @@ Variants:
   engine by the first claimed gradient (a callback that re-queues it, so that it runs when
   the backward ends). The gap between it and the engine row is the block's checks and
   bookkeeping.
+  ``floor, GE noise`` is a plain step that also draws one standard normal number per encoder
+  element after backward (a seeded generator per modality, a buffer kept across steps): what
+  drawing OGM-GE's noise costs inside the step, with no std, scaling or hook.
 
 ``--variants`` times a subset (short keys, see ``--help``; ``plain`` is always timed, as the
 reference of every ratio).
@@ -145,6 +148,10 @@ FLOOR_CLAIMS = (
     "floor, parameter mode with gradmod's mechanism: a claim in each encoder parameter's hook "
     "dict, the foreach queued at the end of backward (no checks)"
 )
+FLOOR_NOISE = (
+    "floor, GE noise: a plain step plus one seeded normal draw per modality into a kept buffer "
+    "(as many numbers as encoder elements, nothing else)"
+)
 VARIANTS = (
     PLAIN,
     CONTROL,
@@ -169,6 +176,7 @@ VARIANTS = (
     FLOOR_PARAM,
     FLOOR_FEATURE,
     FLOOR_CLAIMS,
+    FLOOR_NOISE,
 )
 #: The key of the "floor, ... gradmod's mechanism" row's claims in a hook dict.
 CLAIM = "overhead.claim"
@@ -199,6 +207,7 @@ KEYS = dict(
             "floor-param",
             "floor-feature",
             "floor-claims",
+            "floor-noise",
         ),
         VARIANTS,
         strict=True,
@@ -463,6 +472,7 @@ def make_variants(
         FLOOR_PARAM: lambda: floor_step(fresh(), device, mode="parameter"),
         FLOOR_FEATURE: lambda: floor_step(fresh(), device, mode="feature"),
         FLOOR_CLAIMS: lambda: floor_step(fresh(), device, mode="claims"),
+        FLOOR_NOISE: lambda: floor_step(fresh(), device, mode="noise"),
     }
     return [Variant(name, builders[name]()) for name in VARIANTS if name in selected]
 
@@ -544,9 +554,15 @@ def floor_step(
     ``k_m.mul`` hook on each feature, registered and removed with ``register_hook``. A lower
     bound on what either mode can cost on this machine. ``mode="claims"``: parameter mode as
     the engine's deferred scaling does it (a claim per encoder parameter, the multiply queued
-    at the end of backward), without any check."""
+    at the end of backward), without any check. ``mode="noise"``: no modulation; after
+    backward, one draw of standard normal numbers per modality, from a generator seeded per
+    step, into a buffer kept across steps (no allocation): the least that drawing OGM-GE's GE
+    noise (one number per encoder element) costs on this machine, inside the step."""
     opt = make_opt(list(model.parameters()))
     encoders = [list(model.get_submodule(PATHS[n]).parameters()) for n in NAMES]
+    # mode "noise": one kept buffer per modality
+    buffers = [torch.empty(sum(p.numel() for p in ps), device=device) for ps in encoders]
+    gen = torch.Generator(device=device)
     table = [
         list(torch.tensor(coefficient_values(s, len(NAMES)), device=device).unbind())
         for s in range(CYCLE)
@@ -595,6 +611,11 @@ def floor_step(
             collections.deque(map(put, dicts, itertools.repeat(CLAIM), claims), 0)
             loss.backward()
             collections.deque(map(operator.methodcaller("pop", CLAIM, None), dicts), 0)
+        elif mode == "noise":
+            loss.backward()
+            for m, buf in enumerate(buffers):
+                gen.manual_seed(hash((OGM_SEED, counter[0], m)) % 2**63)
+                buf.normal_(generator=gen)
         else:
             loss.backward()
             pairs = [(p.grad, km) for ps, km in zip(encoders, k, strict=True) for p in ps]

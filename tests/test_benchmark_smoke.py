@@ -247,3 +247,49 @@ def test_floor_rows_modulate_as_the_engine_rows(mode: str) -> None:
         not torch.allclose(last[id(named[1][n])], dict(plain.named_parameters())[n].grad)
         for n in encoder
     )
+
+
+def test_noise_floor_draws_one_number_per_encoder_element_and_modulates_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The GE-noise floor row is a plain step (its gradients are a plain backward's) that also
+    draws, per step, one standard normal number per encoder element, modality by modality."""
+    bench = _load()
+    args = bench.parse_args(["--models", "mlp", "--mlp-hidden", "16", "--mlp-out", "8"])
+    spec = bench.build_spec("mlp", args)
+    torch.manual_seed(0)
+    base = spec.build()
+    model = copy.deepcopy(base)
+    opts: list[_Recorder] = []
+
+    def make_opt(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        opts.append(_Recorder(params))
+        return opts[-1]
+
+    step = bench.floor_step(model, torch.device("cpu"), mode="noise", make_opt=make_opt)
+    drawn: list[int] = []
+    normal = torch.Tensor.normal_
+
+    def spy(self: torch.Tensor, *a: object, **k: object) -> torch.Tensor:
+        drawn.append(self.numel())
+        return normal(self, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.Tensor, "normal_", spy)
+    g = torch.Generator().manual_seed(5)
+    sizes = [
+        sum(p.numel() for p in base.get_submodule(bench.PATHS[n]).parameters()) for n in bench.NAMES
+    ]
+    for i in range(3):
+        batch = (
+            [torch.randn(16, *s, generator=g) for s in spec.input_shapes],
+            torch.randint(0, bench.N_CLASSES, (16,), generator=g),
+        )
+        step(batch)
+        assert drawn == sizes * (i + 1)
+        plain = copy.deepcopy(base)
+        xs, y = batch
+        torch.nn.functional.cross_entropy(plain(xs)[0], y).backward()
+        want = {n: p.grad for n, p in plain.named_parameters()}
+        got = opts[0].seen[-1]
+        for n, p in model.named_parameters():
+            assert torch.equal(got[id(p)], want[n]), n

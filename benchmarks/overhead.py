@@ -64,7 +64,7 @@ Variants:
   encoder gradients after backward; feature mode, a ``k.mul`` hook on each feature. What the
   modulation itself costs on this machine, below which no implementation of the mode goes.
   ``floor, parameter mode with gradmod's mechanism`` adds what the engine's deferred scaling
-  does around that multiply, and nothing else: a C-level claim in each encoder parameter's
+  does around that multiply, and nothing else: a claim in each encoder parameter's
   hook dict (set before backward, removed after), and the ``foreach`` queued with autograd's
   engine by the first claimed gradient (a callback that re-queues it, so that it runs when
   the backward ends). The gap between it and the engine row is the block's checks and
@@ -585,8 +585,7 @@ def floor_step(
             queued[0] = True
             engine.queue_callback(requeue)
 
-    marker = collections.deque(maxlen=0).append
-    claims = [trigger if i == 0 else marker for ps in encoders for i in range(len(ps))]
+    claims = [trigger] * len(flat)  # whichever gradient arrives first queues the multiply
     dicts: list[dict[object, Callable[[Tensor], None]]] = []
     if mode == "claims":
         for p in flat:  # the hook dict, as gradmod creates it

@@ -163,10 +163,23 @@ def configure(
     return Config(chosen, needs, binding, targets, resolved_mode, act, root, slots, skipped)
 
 
-def check_state(state_dict: Mapping[str, Any], names: tuple[str, ...], needs: Needs) -> list[str]:
-    """Problems with a state dict about to be loaded into a context over ``names``."""
+def check_state(
+    state_dict: Mapping[str, Any], names: tuple[str, ...], needs: Needs, method: Method
+) -> list[str]:
+    """Problems with a state dict about to be loaded into a context over ``names`` whose
+    method is ``method`` (its own keys are those of ``method.state_dict()``; the update
+    level's are ``update.*``)."""
     m = len(names)
     problems: list[str] = []
+    given = {k for k in state_dict if not k.startswith("update.")}
+    expected = set(method.state_dict())
+    if given != expected:
+        missing, unexpected = sorted(expected - given), sorted(given - expected)
+        problems.append(
+            f"the state does not fit {type(method).__name__}: missing keys {missing}, "
+            f"unexpected keys {unexpected} (a checkpoint of another method or preset): load "
+            "the state of a context built with the same method"
+        )
     for key, value in state_dict.items():
         if not isinstance(value, Tensor):
             continue

@@ -24,7 +24,7 @@ from ._errors import ConfigurationError, ContextError
 from ._forward import ForwardLink
 from ._groups import EncoderSpec, FusionSpec
 from ._hooks import CONFLICT, HookSet
-from ._protocol import Act, Method, Needs, Step, StepPlan
+from ._protocol import Act, Method, Needs, Step, StepPlan, epoch_number
 from ._steps import block_weight, check_half, check_step, check_weight, no_gradient
 from ._validate import check_feature_graph
 from .monitor import Monitor
@@ -254,8 +254,12 @@ class ModulationContext:
         self._closed = True
 
     def set_epoch(self, epoch: int) -> None:
-        """Tell the method the current epoch (OGM-GE's modulation window counts epochs)."""
-        self.method.set_epoch(epoch)
+        """Tell the method the current epoch (OGM-GE's modulation window counts epochs).
+
+        Raises:
+            ValueError: ``epoch`` is not an integer >= 0 (a bool, a float, a negative number).
+        """
+        self.method.set_epoch(epoch_number("set_epoch", epoch))
 
     def state_dict(self) -> dict[str, Any]:
         """The method's cross-step state, and with ``act="update"`` the coefficients waiting for
@@ -270,10 +274,10 @@ class ModulationContext:
         """Restore the method's state saved by :meth:`state_dict`.
 
         Raises:
-            ConfigurationError: the state holds a non-finite value, or was saved for another
-                number of modalities; nothing is loaded then.
+            ConfigurationError: the state holds a non-finite value, was saved for another
+                number of modalities, or by another method (other keys); nothing is loaded then.
         """
-        problems = check_state(state_dict, self.names, self._needs)
+        problems = check_state(state_dict, self.names, self._needs, self.method)
         if problems:
             raise ConfigurationError(problems)
         update = {k[7:]: v for k, v in state_dict.items() if k.startswith("update.")}

@@ -300,7 +300,7 @@ class HookSet:
         self._deferred: Mapping[int, Sequence[Tensor]] | None = None
         self._queued = False  # the end-of-backward scaling is queued with the engine
         # the deferred tensors in one list, the factor of each (by its dtype), and what each
-        # holds in its hook dict meanwhile (the claim; the trigger on each modality's first)
+        # holds in its hook dict meanwhile (the claim: the trigger)
         self._flat: _Deferred | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -369,10 +369,9 @@ class HookSet:
         has a post-accumulate-grad hook (which must see the modulated gradient, e.g. an
         optimizer stepped in backward): then :meth:`scale` hooks them.
 
-        Each tensor is claimed by a C-level marker (no Python frame per gradient), except each
-        modality's first, whose entry is :meth:`_trigger`: the first of them to receive a
-        gradient queues the scaling with autograd's engine, which runs it when that backward
-        ends, after DDP's reduction and before ``backward()`` returns, so that whatever the
+        Each tensor's claim is :meth:`_trigger` (a Python call per gradient that returns at
+        once after the first): the first gradient to arrive queues the scaling with autograd's
+        engine, whatever tensor it reaches, which runs it when that backward ends, after DDP's reduction and before ``backward()`` returns, so that whatever the
         block does after its backward (clipping, an optimizer step) sees the modulated
         gradients, as with hooks. One ``foreach`` multiply over every encoder gradient
         replaces a Python hook call and a new tensor per gradient during backward.
@@ -401,9 +400,9 @@ class HookSet:
     def _cache(self, tensors: Mapping[int, Sequence[Tensor]]) -> _Deferred:
         """What :meth:`defer` keeps for ``tensors`` (see :class:`_Deferred`)."""
         flat = [t for ts in tensors.values() for t in ts]
-        claims: list[Callable[[Tensor], None]] = []
-        for ts in tensors.values():
-            claims += [self._trigger if i == 0 else self._marker for i in range(len(ts))]
+        # every tensor's claim is the trigger: whichever gradient arrives first queues the
+        # scaling (a modality's first parameter may get none: an unused branch, a mask token)
+        claims: list[Callable[[Tensor], None]] = [self._trigger] * len(flat)
         dtypes = list(map(_DTYPE, flat))  # a model cast later gets new factors and hooks
         cached = self._flat = _Deferred(
             tensors,
@@ -418,8 +417,8 @@ class HookSet:
         return cached
 
     def _trigger(self, grad: Tensor) -> None:
-        """A deferred modality's first gradient arrived: queue the scaling for the end of this
-        backward (once). Returns ``None``: the gradient passes unchanged."""
+        """A deferred tensor's gradient arrived: queue the scaling for the end of this backward
+        (once). Returns ``None``: the gradient passes unchanged."""
         if self._deferred is not None and not self._queued:
             self._queued = True
             _ENGINE.queue_callback(self._requeue)
@@ -564,9 +563,9 @@ class HookSet:
                     fn = k.mul
                 else:
                     fn = self._low_views[m].mul
-                if i == 0:  # one witness per modality that its gradients went through a hook
-                    fn = functools.partial(_witness, self._scaled, m, fn)
-                fns.append(fn)
+                # every hook witnesses that its modality's gradients went through one (the first
+                # tensor may receive no gradient at all: an unused branch, a mask token)
+                fns.append(functools.partial(_witness, self._scaled, m, fn))
         return fns
 
     def observe(

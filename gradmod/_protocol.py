@@ -9,6 +9,7 @@ through writing one.
 
 from __future__ import annotations
 
+import operator
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -334,7 +335,13 @@ class Method(nn.Module, metaclass=ABCMeta):
         return Prepared(dict(step.features), None)
 
     def set_epoch(self, epoch: int) -> None:
-        """Tell the method the current epoch (methods with an epoch window use it)."""
+        """Tell the method the current epoch (methods with an epoch window use it; an
+        override checks it with :func:`epoch_number`). Here: checked, then unused.
+
+        Raises:
+            ValueError: ``epoch`` is not an integer >= 0.
+        """
+        epoch_number(type(self).__name__, epoch)
 
     def reset(self) -> None:
         """Forget all cross-step state."""
@@ -361,10 +368,33 @@ class Method(nn.Module, metaclass=ABCMeta):
         )
 
 
-def class_index_problem(who: str, targets: Tensor, batch: int | None) -> list[str]:
-    """The problem with ``targets`` as class indices ``[B]``, if any (no host synchronisation).
+def epoch_number(who: str, epoch: object) -> int:
+    """``epoch`` as an ``int`` >= 0 (a Python or NumPy integer, a 0-d integer tensor).
+
+    Raises:
+        ValueError: a bool, a float (2.7 is not truncated), a string, or a negative number.
+    """
+    try:
+        if isinstance(epoch, bool):
+            raise TypeError
+        value = operator.index(epoch)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{who}: epoch must be an integer >= 0; got {epoch!r}") from None
+    if value < 0:
+        raise ValueError(f"{who}: epoch must be an integer >= 0; got {epoch!r}")
+    return int(value)
+
+
+def class_index_problem(
+    who: str, targets: Tensor, batch: int | None, *, negative_ok: bool = False
+) -> list[str]:
+    """The problem with ``targets`` as class indices ``[B]``, if any (no host synchronisation
+    off the CPU).
 
     Float labels are refused rather than truncated (``y + 0.9`` would silently count as ``y``).
+    On the CPU, a negative index (``cross_entropy``'s ``ignore_index=-100``) is refused too,
+    unless ``negative_ok`` (a method whose only use of the labels is a loss that ignores them):
+    a score that counts every sample has no class to read for it.
     """
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         return [
@@ -378,6 +408,14 @@ def class_index_problem(who: str, targets: Tensor, batch: int | None) -> list[st
             f"{who} needs one class index per sample, shape {want}; got targets of shape "
             f"{tuple(targets.shape)}"
         ]
+    if not negative_ok and targets.device.type == "cpu" and targets.numel():
+        low = int(targets.min())
+        if low < 0:
+            return [
+                f"{who} needs a class index >= 0 for every sample; got {low} (an ignore_index "
+                "of cross_entropy?): its scores count every sample, so drop the ignored samples "
+                "from the features and targets of the block"
+            ]
     return []
 
 

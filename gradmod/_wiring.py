@@ -19,6 +19,15 @@ from .monitor import Monitor
 
 __all__ = ["Wiring"]
 
+#: The largest float32: a coefficient beyond it would be inf in the float32 copy that float32
+#: and half gradients are multiplied by.
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+def _usable(k: float) -> bool:
+    """Whether a coefficient may reach a gradient: finite, and finite in float32."""
+    return math.isfinite(k) and abs(k) <= _F32_MAX
+
 
 class Wiring:
     """Registers each block's hooks from the plan; the hooks read views of ``coefficients``
@@ -73,10 +82,13 @@ class Wiring:
                 f"{tuple(c.shape)}; expected {tuple(k.shape)}"
             )
         k.copy_(c.detach() if c.requires_grad else c)
-        # Defensive: a non-finite coefficient never reaches a gradient (1 = untouched). On the
-        # CPU the values are read first (no op when all are finite); elsewhere no host sync.
-        if not self._on_cpu or not all(map(math.isfinite, k.tolist())):
+        # Defensive: a coefficient that is not finite, or beyond float32's range (float32 and
+        # half gradients are multiplied by its float32 copy, which would be inf), never reaches
+        # a gradient (1 = untouched). On the CPU the values are read first (no op when all are
+        # usable); elsewhere no host sync.
+        if not self._on_cpu or not all(map(_usable, k.tolist())):
             k.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
+            k.masked_fill_(k.abs() > _F32_MAX, 1.0)
 
     def _encoder_tensors(self) -> dict[int, list[Tensor]]:
         """The tensors of each modality that get a parameter hook (built once: the same mapping

@@ -400,6 +400,85 @@ def test_no_hook_left_behind_when_the_block_raises(name: str, use: str) -> None:
     assert no_hooks(run.tensors())
 
 
+@pytest.mark.parametrize(("name", "use"), [c for c in CASES if c.values[1] == USES[0]])
+def test_a_negative_class_index_is_refused_before_anything_or_used_as_its_loss_says(
+    name: str, use: str
+) -> None:
+    """Targets holding ``cross_entropy``'s ``ignore_index`` (-100): a method whose scores read
+    every sample's class refuses them with a ``StepError`` before any gradient, hook or state
+    changes; one that accepts them trains on with finite coefficients and state."""
+    run = Run(name, use)
+    run.train(range(1))
+    state = copy.deepcopy(run.ctx.state_dict())
+    xs, y = run.inputs(5)
+    y[2] = -100
+    tensors = run.tensors()
+    try:
+        loss, feats = run.loss_and_features(xs, y)  # cross_entropy ignores the sample
+        with run.ctx(feats, y):
+            loss.backward()
+    except gradmod.StepError as e:
+        assert "-100" in str(e) and "drop the ignored samples" in str(e)
+        assert all(t.grad is None for t in tensors)
+        assert no_hooks(tensors)
+        for key, v in run.ctx.state_dict().items():
+            if isinstance(v, Tensor):
+                assert torch.equal(v, state[key]), key
+        return
+    assert bool(torch.isfinite(run.ctx.coefficients).all())
+    for key, v in run.ctx.state_dict().items():
+        if isinstance(v, Tensor) and v.is_floating_point():
+            assert bool(torch.isfinite(v).all()), key
+
+
+@pytest.mark.parametrize(("name", "use"), [c for c in CASES if c.values[1] == USES[0]])
+def test_targets_of_another_length_are_refused_before_anything(name: str, use: str) -> None:
+    """Targets one sample short of the features: every method that reads them refuses them with
+    a ``StepError`` naming the shape it needs, before any gradient, hook or state changes."""
+    run = Run(name, use)
+    run.train(range(1))
+    state = copy.deepcopy(run.ctx.state_dict())
+    xs, y = run.inputs(5)
+    tensors = run.tensors()
+    loss, feats = run.loss_and_features(xs, y)
+    try:
+        with run.ctx(feats, y[:-1]):
+            loss.backward()
+    except gradmod.StepError as e:
+        assert "[12]" in str(e), str(e)
+        assert all(t.grad is None for t in tensors)
+        assert no_hooks(tensors)
+        for key, v in run.ctx.state_dict().items():
+            if isinstance(v, Tensor):
+                assert torch.equal(v, state[key]), key
+        return
+    # accepted: the method does not read the targets (gradmod.Fixed), and trained on
+    assert type(run.method).__name__ == "Fixed", f"{name} took a short batch of targets"
+    assert bool(torch.isfinite(run.ctx.coefficients).all())
+
+
+@pytest.mark.parametrize(("name", "use"), [c for c in CASES if c.values[1] == USES[0]])
+def test_set_epoch_takes_integers_and_refuses_the_rest(name: str, use: str) -> None:
+    """``set_epoch`` of the context and of the method: any integer >= 0 (NumPy's, a 0-d tensor),
+    and a ``ValueError`` for a bool, a float, a string or a negative number, with the state
+    as it was."""
+    import numpy as np
+
+    run = Run(name, use)
+    run.ctx.set_epoch(np.int64(3))
+    run.ctx.set_epoch(torch.tensor(4))
+    state = copy.deepcopy(run.ctx.state_dict())
+    for bad in (True, -1, 2.7, "3"):
+        for target in (run.ctx, run.method):
+            with pytest.raises(ValueError, match="epoch must be an integer >= 0"):
+                target.set_epoch(bad)  # type: ignore[arg-type]
+    for key, v in run.ctx.state_dict().items():
+        if isinstance(v, Tensor):
+            assert torch.equal(v, state[key]), key
+    if "epoch" in state:
+        assert int(state["epoch"]) == 4
+
+
 # ------------------------------------------------------------------------------------- DDP
 def _ddp_worker(rank: int, world: int, path: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1")

@@ -162,8 +162,10 @@ def test_coefficients_in_a_graph_are_taken_by_value() -> None:
 
 
 @pytest.mark.parametrize("mode", ["parameter", "feature"])
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 1e39, -1e39])
 def test_a_non_finite_coefficient_leaves_its_modality_untouched(mode: str, bad: float) -> None:
+    """NaN and inf, and coefficients beyond float32's range (inf once in the float32 copy that
+    float32 gradients are multiplied by), never reach a gradient."""
     model = make_model()
     twin = copy.deepcopy(model)
     xs, y = batch()
@@ -929,3 +931,103 @@ def test_official_cggm_explodes_when_deltas_cancel() -> None:
     expect = 1.3 * (1 - torch.tensor([0.125e8, 0.125e8, -0.25e8], dtype=F64))
     close64(k, expect, "official explosion", rtol=1e-9, atol=0)
     assert float(k.abs().min()) > 1e7 and math.isfinite(float(k.abs().max()))
+
+
+# ------------------------------------------------- encoders whose first parameter gets no gradient
+class _UnusedFirst(nn.Module):
+    """Encoder whose first-registered layer (``aux``, a mask token or an optional projection in
+    real models) is unused in this step: its parameters receive no gradient."""
+
+    def __init__(self, n_in: int) -> None:
+        super().__init__()
+        self.aux = nn.Linear(n_in, 4)
+        self.lin = nn.Linear(n_in, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.lin(x))
+
+
+class _TwoUnusedFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.ModuleDict({"a": _UnusedFirst(3), "b": _UnusedFirst(5)})
+        self.head = nn.Linear(8, CLASSES)
+
+    def loss(self, xs: Mapping[str, Tensor], y: Tensor) -> Tensor:
+        feats = [self.enc[n](xs[n]) for n in ("a", "b")]
+        return F.cross_entropy(self.head(torch.cat(feats, 1)), y)
+
+
+_K = (0.25, 4.0)
+
+
+def _unused_first_setup(
+    monitor: bool = False,
+) -> tuple[_TwoUnusedFirst, gradmod.ModulationContext, dict[str, Tensor], Tensor]:
+    torch.manual_seed(0)
+    model = _TwoUnusedFirst().to(DEVICE, F64)
+    ctx = gradmod.ModulationContext(
+        model,
+        encoders={"a": "enc.a", "b": "enc.b"},
+        method=FixedMethod([_K], uses_features=False),
+        monitor=gradmod.Monitor() if monitor else None,
+    )
+    g = torch.Generator().manual_seed(1)
+    xs = {n: torch.randn(8, d, generator=g, dtype=F64).to(DEVICE) for n, d in (("a", 3), ("b", 5))}
+    y = torch.randint(0, CLASSES, (8,), generator=g).to(DEVICE)
+    return model, ctx, xs, y
+
+
+def _expected(model: _TwoUnusedFirst, xs: Mapping[str, Tensor], y: Tensor) -> dict[str, Tensor]:
+    """A plain backward on a copy, encoder ``m``'s gradients times ``k_m`` (float64)."""
+    twin = copy.deepcopy(model)
+    twin.zero_grad(set_to_none=True)
+    twin.loss(xs, y).backward()
+    out = {}
+    for name, p in twin.named_parameters():
+        if p.grad is not None:
+            k = _K[0] if name.startswith("enc.a.") else _K[1] if name.startswith("enc.b.") else 1
+            out[name] = p.grad * k
+    return out
+
+
+def test_gradients_are_modulated_when_backward_returns_even_if_first_parameters_get_none() -> None:
+    """What the block does after its backward (clipping, an optimizer step) sees the modulated
+    gradients, also when no encoder's first-registered parameter receives a gradient."""
+    model, ctx, xs, y = _unused_first_setup()
+    want = _expected(model, xs, y)
+    with ctx(targets=y):
+        model.loss(xs, y).backward()
+        inside = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert inside.keys() == want.keys()
+    for name, g in inside.items():
+        torch.testing.assert_close(g, want[name], rtol=1e-12, atol=1e-15, msg=name)
+    assert model.enc["a"].aux.weight.grad is None
+
+
+@pytest.mark.parametrize("path", ["grads-exist", "accumulation", "monitor"])
+def test_a_block_whose_first_encoder_parameters_get_no_gradient_is_accepted(path: str) -> None:
+    """The per-tensor hook paths (gradients already there, a later micro-batch, a Monitor):
+    the block is not refused as 'no modulated gradient', and the gradients are k times the
+    plain ones."""
+    model, ctx, xs, y = _unused_first_setup(monitor=path == "monitor")
+    want = _expected(model, xs, y)
+    if path == "grads-exist":  # zero_grad(set_to_none=False)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+    if path == "accumulation":  # a first micro-batch of a window, then this one
+        with ctx(targets=y, boundary=False, weight=0.5):
+            model.loss(xs, y).backward()
+        first = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with ctx(targets=y):
+        model.loss(xs, y).backward()
+    assert ctx.method.calls == (2 if path == "accumulation" else 1)  # type: ignore[attr-defined]
+    for name, p in model.named_parameters():
+        if name not in want:
+            assert p.grad is None or not p.grad.any(), name
+            continue
+        expect = want[name] * (2 if path == "accumulation" else 1)
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, expect, rtol=1e-12, atol=1e-15, msg=name)
+    if path == "accumulation":
+        assert first  # the first micro-batch landed too

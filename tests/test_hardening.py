@@ -381,6 +381,8 @@ BUILDERS: dict[str, Callable[[tuple[str, ...]], tuple[nn.Module, gradmod.Modulat
     "agm": lambda names: (m := make(names), ctx_for(m, gradmod.AGM(alpha=1.2))),  # type: ignore[dict-item]
     "agm-official": lambda names: (m := make(names), ctx_for(m, gradmod.AGM(official=True))),  # type: ignore[dict-item]
     "mlb": lambda names: (m := make(names), ctx_for(m, gradmod.MLB(), linear_heads(names))),  # type: ignore[dict-item]
+    # CGGM's accuracy alone stays finite on a NaN batch: its classifiers' outputs are checked
+    "cggm": lambda names: (m := make(names), ctx_for(m, gradmod.CGGM(lam=0), linear_heads(names))),  # type: ignore[dict-item]
     "ogm-ge": lambda names: (m := make(names), ctx_for(m, gradmod.OGMGE(alpha=0.5), fusion="head")),  # type: ignore[dict-item]
 }
 
@@ -403,6 +405,8 @@ def test_a_non_finite_batch_leaves_no_trace_in_the_state(kind: str) -> None:
                 assert torch.isfinite(v).all(), (kind, seed, key)
             if bad:
                 assert torch.equal(ctx.coefficients, torch.ones_like(ctx.coefficients))
+            for p in ctx.classifier_parameters():  # the heads' gradients gradmod added
+                assert p.grad is None or bool(torch.isfinite(p.grad).all()), (kind, seed)
         runs.append((ctx.coefficients, state_of(ctx)))
     (k_nan, s_nan), (k_ref, s_ref) = runs
     assert torch.equal(k_nan, k_ref)
@@ -669,6 +673,24 @@ def test_state_dict_for_another_number_of_modalities_is_refused_on_load() -> Non
     corrupt["score_sum"] = corrupt["score_sum"] * math.nan
     with pytest.raises(gradmod.ConfigurationError, match="non-finite"):
         ctx3.load_state_dict(corrupt)
+
+
+def test_state_dict_of_another_method_is_refused_whole_on_load() -> None:
+    """An OGM-GE checkpoint loaded into an MLB context: refused before any key is copied (a
+    plain strict load copies the keys both share, then raises on the rest)."""
+    names = ("a", "b", "c")
+    models = (make(names), make(names))
+    ogm = ctx_for(models[0], gradmod.OGMGE(ge=False), fusion="head")
+    mlb = ctx_for(models[1], gradmod.MLB(), linear_heads(names))
+    xs, y = dev(*data(names))
+    for model, ctx in zip(models, (ogm, mlb), strict=True):
+        feats = model.features(xs)
+        with ctx(features=feats, targets=y):
+            F.cross_entropy(model.fuse(feats), y).backward()
+    before = state_of(mlb)
+    with pytest.raises(gradmod.ConfigurationError, match=r"does not fit MLB.*unexpected keys"):
+        mlb.load_state_dict(ogm.state_dict())
+    assert same_state(state_of(mlb), before)
 
 
 def test_one_context_used_from_two_threads_is_refused_clearly() -> None:

@@ -404,6 +404,35 @@ def test_ogm_sum_head_reads_its_parts() -> None:
         close(p.grad, g_ref[pn], pn)
 
 
+@pytest.mark.parametrize("method", ["ogm", "opm"])
+def test_sum_head_parts_read_bf16_features_from_autocast(method: str) -> None:
+    """bfloat16 features (an autocast forward) and float32 parts of a sum head: each part reads
+    its feature cast to its own dtype, as ``nn.Linear`` fusion heads do (was a dtype error)."""
+    if torch.float32 != DTYPE:
+        pytest.skip("autocast over a float32 model")
+    names = ("a", "b", "c")
+    torch.manual_seed(0)
+    model = SumNet(names).to(DEVICE, DTYPE)
+    parts = dict(model.parts)
+    m: gradmod.Method = gradmod.OGMGE(alpha=0.5, ge=False) if method == "ogm" else gradmod.OPM()
+    ctx = ctx_for(model, m, parts)  # type: ignore[arg-type]
+    xs, y = data(names)
+    xd, yd = dev(xs, y)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        feats = model.features(xd)
+    assert all(f.dtype == torch.bfloat16 for f in feats.values())
+    # by hand: each part on its feature in float32, the summed true-class probabilities
+    with torch.no_grad():
+        s = [sum(softmax_true(parts[n](feats[n].float()).double().cpu(), y)) for n in names]
+    fused = ctx.prepare(feats, yd) if method == "opm" else feats
+    with ctx(features=feats, targets=yd):
+        F.cross_entropy(model.fuse({n: f.float() for n, f in fused.items()}), yd).backward()
+    got = ctx.scores["true_class_probability_sum"].cpu()
+    torch.testing.assert_close(got, torch.tensor(s, dtype=F64), rtol=1e-6, atol=1e-6)
+    if method == "ogm":
+        close(ctx.coefficients, torch.tensor(ogm_k(s, 0.5), dtype=F64), "k")
+
+
 class WideNet(LinNet):
     """Two wide encoders, so that noise statistics over one weight are tight."""
 
@@ -729,6 +758,28 @@ def test_agm_configuration_errors() -> None:
     assert len(problems) == 2
     assert any("mode='parameter' does not apply" in p for p in problems)
     assert any("AGM uses no unimodal classifiers" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("kw", "top"),
+    [
+        ({"alpha": 1000.0}, 1000.0),
+        ({"alpha": 50.0, "cap": 2.0}, 100.0),
+        ({"alpha": 9.0, "official": True}, 90.0),
+        ({"alpha": 88.0}, None),
+        ({"alpha": 1.5, "official": True}, None),
+    ],
+)
+def test_agm_refuses_coefficients_beyond_float32(kw: dict[str, object], top: float | None) -> None:
+    """k <= e^(alpha * bound) (bound: cap, 1 by default, 10 for the official rule) must be a
+    float32 number, ln(float32 max) = 88.72: else steps would silently leave the gradient."""
+    if top is None:
+        assert math.exp(88.0) < torch.finfo(torch.float32).max
+        gradmod.AGM(**kw)  # type: ignore[arg-type]
+        return
+    assert top > math.log(torch.finfo(torch.float32).max)
+    with pytest.raises(gradmod.ConfigurationError, match=f"alpha \\* bound = {top:g}"):
+        gradmod.AGM(**kw)  # type: ignore[arg-type]
 
 
 # ================================================================= shared properties

@@ -407,3 +407,31 @@ def test_ogm_tpami_arguments() -> None:
     with pytest.raises(gradmod.ConfigurationError, match="boost"):
         gradmod.OGMGE(form="tpami", boost=0.0)
     assert "boost=4.0" in repr(gradmod.OGMGE(form="tpami", boost=4.0))
+
+
+@pytest.mark.parametrize("theta_gradient", [False, True], ids=["default", "official-leak"])
+def test_a_nan_batch_is_a_neutral_step_counted_in_skipped(theta_gradient: bool) -> None:
+    """A batch whose scores are NaN (one NaN input sample): nothing is dropped, no leak is
+    injected, ``last_scores`` keep the last finite step's values, the step is counted in
+    ``skipped``, and the state still loads (it is finite)."""
+    net, ctx = make(gradmod.OPM(p_exe=1.0, theta_gradient=theta_gradient))
+    step(net, ctx, seed=1)  # a finite step first
+    method = ctx.method
+    assert isinstance(method, gradmod.OPM)
+    before = method.last_scores.clone()
+    assert torch.isfinite(before).all() and int(method.skipped) == 0
+    xa, xb, y = batch(2)
+    xa[3, 0] = math.nan
+    net.zero_grad(set_to_none=True)
+    feats = net.features(xa, xb)
+    fused = ctx.prepare(feats, y)
+    for n in ("a", "b"):  # nothing dropped: the features are the encoders' own
+        torch.testing.assert_close(fused[n], feats[n], rtol=0, atol=0, equal_nan=True, msg=n)
+    with ctx(feats, y):
+        F.cross_entropy(net.fuse(fused), y).backward()
+    assert torch.equal(method.last_scores, before)
+    assert int(method.skipped) == 1
+    assert torch.isfinite(method.last_drop_probability).all()
+    fresh = make(gradmod.OPM(p_exe=1.0, theta_gradient=theta_gradient))[1]
+    fresh.load_state_dict(ctx.state_dict())  # a finite checkpoint: loads
+    assert int(fresh.method.skipped) == 1  # type: ignore[arg-type]

@@ -15,7 +15,9 @@ from .._protocol import (
     Step,
     StepPlan,
     Targets,
+    class_index_problem,
     coefficient_dtype,
+    epoch_number,
     finite_step,
 )
 from ._agm import AGM
@@ -56,6 +58,8 @@ __all__ = [
     "Step",
     "StepPlan",
     "Targets",
+    "class_index_problem",
     "coefficient_dtype",
+    "epoch_number",
     "finite_step",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -86,7 +88,7 @@ class AGM(Method):
         checks = [("alpha", alpha, 0.0, False, None)]
         if cap is not None:
             checks.append(("cap", cap, 0.0, False, None))
-        check_args("AGM", checks)
+        check_args("AGM", checks, _range_problems(alpha, cap, official))
         self.alpha = float(alpha)
         self.cap = None if cap is None else float(cap)
         self.official = bool(official)
@@ -160,3 +162,23 @@ class AGM(Method):
         return StepPlan(
             k, commit=commit, scores={"score": scores, "running_score": self.running_scores()}
         )
+
+
+#: ``e^x`` is finite in float32 (the precision float32 gradients are scaled in) up to this.
+_LOG_F32_MAX = math.log(torch.finfo(torch.float32).max)
+
+
+def _range_problems(alpha: object, cap: object, official: bool) -> list[str]:
+    """Why ``k <= e^(alpha * bound)`` could leave float32, if it can (the bound of the
+    exponent's argument: ``cap``, else 1, or 10 for the official rule)."""
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (alpha, cap or 1)):
+        return []  # reported by check_args
+    bound = float(cap) if cap is not None else (10.0 if official else 1.0)  # type: ignore[arg-type]
+    top = float(alpha) * bound  # type: ignore[arg-type]
+    if math.isfinite(top) and top > _LOG_F32_MAX:
+        return [
+            f"AGM: alpha * bound = {top:g} lets a coefficient reach e^{top:g}, beyond float32's "
+            f"range (the precision float32 gradients are scaled in): keep alpha * bound <= "
+            f"{_LOG_F32_MAX:.1f} (bound = cap, default 1, or 10 with official=True)"
+        ]
+    return []

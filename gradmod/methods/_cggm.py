@@ -175,7 +175,9 @@ class CGGM(Method):
 
     def check_step(self, binding: Binding, step: Step) -> list[str]:
         if self.task == "classification" and self._default_metric:
-            return class_index_problem("CGGM", step.targets, None)
+            first = next(iter(step.features.values()), None)
+            batch = int(first.shape[0]) if isinstance(first, Tensor) and first.dim() else None
+            return class_index_problem("CGGM", step.targets, batch)
         return []
 
     def _stale_direction(self) -> bool:
@@ -209,10 +211,11 @@ class CGGM(Method):
         run = run_heads(
             heads, [step.features[n] for n in names], step.targets, self.loss_fn, input_grads=False
         )
-        accumulate = [pair for pairs in run.param_grads for pair in pairs]
 
         with torch.no_grad():
-            scores = [self.metric(out, step.targets) for out in run.outputs]
+            # a classifier output that is not finite (a NaN batch) makes its score NaN: an
+            # accuracy alone would stay finite, and the step would not be neutral
+            scores = [_unless_finite(out, self.metric(out, step.targets)) for out in run.outputs]
             metric = global_mean(scores, step.reduce, self.previous)
             policy: GF.Policy = "official" if self.official else "safe"
             b = GF.improvement_rate_scale(
@@ -220,6 +223,12 @@ class CGGM(Method):
             )
             coefficients, ok = finite_step(self.rho * b, metric, b)
             b = torch.where(ok, b, torch.zeros_like(b))  # a neutral step: no direction loss
+            # nor classifier gradients (NaN ones, from the NaN batch's losses)
+            accumulate = [
+                (p, torch.where(ok.to(g.device), g, torch.zeros_like(g)))
+                for pairs in run.param_grads
+                for p, g in pairs
+            ]
 
         inject: list[Injection] = []
         snapshot: tuple[Tensor, Tensor] | None = None
@@ -258,3 +267,16 @@ class CGGM(Method):
             commit=commit,
             scores={"metric": metric, "improvement": metric - self.previous, "b": b},
         )
+
+
+def _unless_finite(outputs: Tensor, score: Tensor) -> Tensor:
+    """``score`` (per sample ``[B]``, or one batch score) where the classifier's ``outputs`` are
+    finite, NaN where they are not (per sample, or for the batch)."""
+    rows = (
+        torch.isfinite(outputs).reshape(outputs.shape[0], -1).all(dim=1) if outputs.dim() else None
+    )
+    if rows is None:
+        return torch.where(torch.isfinite(outputs), score, torch.nan)
+    if score.dim() == 1 and score.shape[0] == rows.shape[0]:
+        return torch.where(rows.to(score.device), score, torch.nan)
+    return torch.where(rows.all().to(score.device), score, torch.nan)

@@ -33,12 +33,17 @@ class HeadRun:
     input_grads: list[Tensor] | None  # per modality: d loss / d feature, when asked for
 
 
-def _input_of(head: nn.Module, h: Tensor) -> Tensor:
+def _as_input_of(head: nn.Module, h: Tensor) -> Tensor:
+    """``h`` in the dtype of ``head``'s parameters (bfloat16 features from autocast, a float32
+    head), in the graph of ``h``."""
     first = next(head.parameters(), None)
-    h = h.detach()
     if first is not None and h.is_floating_point() and h.dtype != first.dtype:
         h = h.to(first.dtype)
     return h
+
+
+def _input_of(head: nn.Module, h: Tensor) -> Tensor:
+    return _as_input_of(head, h.detach())
 
 
 def run_heads(
@@ -147,7 +152,7 @@ def unimodal_logits(
     with torch.set_grad_enabled(live):
         if binding.classifiers is not None:
             heads = [binding.classifiers[n] for n in binding.names]
-            return [h(f) for h, f in zip(heads, feats, strict=True)]
+            return [h(_as_input_of(h, f)) for h, f in zip(heads, feats, strict=True)]
         head = binding.fusion_module
         assert isinstance(head, nn.Linear)
         widths = [f.shape[-1] for f in features]

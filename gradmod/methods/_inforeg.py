@@ -20,6 +20,7 @@ from .._protocol import (
     StepPlan,
     class_index_problem,
     coefficient_dtype,
+    epoch_number,
     finite_step,
 )
 from ._args import Check, check_args
@@ -264,9 +265,7 @@ class InfoReg(Method):
         """Start epoch ``epoch``: the trace of the epoch that was open (if any) joins the
         history, and the next clean block retakes the anchor. Announcing the current epoch
         again (e.g. after resuming mid-epoch) changes nothing."""
-        if isinstance(epoch, bool) or int(epoch) < 0:
-            raise ValueError(f"InfoReg: epoch must be an integer >= 0; got {epoch!r}")
-        epoch = int(epoch)
+        epoch = epoch_number("InfoReg", epoch)
         if epoch == int(self.epoch):
             return
         with torch.no_grad():

@@ -149,7 +149,8 @@ class MMPareto(Method):
             return []
         first = next(iter(step.features.values()), None)
         batch = int(first.shape[0]) if isinstance(first, Tensor) and first.dim() else None
-        return class_index_problem("MMPareto", step.targets, batch)
+        # its unimodal losses decide what a negative index means (cross_entropy ignores -100)
+        return class_index_problem("MMPareto", step.targets, batch, negative_ok=True)
 
     def plan(self, binding: Binding, step: Step) -> StepPlan:
         assert binding.classifiers is not None

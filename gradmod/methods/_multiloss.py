@@ -80,6 +80,7 @@ class MultiLoss(Method):
         self.weight = float(weight)
         self.task: Task = task
         self.loss_fn: Loss = loss_fn or (F.cross_entropy if task == "classification" else _mse)
+        self._default_loss = loss_fn is None
         self.direction = float(direction)
         self.register_buffer("last_coefficients", torch.zeros(0))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
@@ -127,6 +128,20 @@ class MultiLoss(Method):
             return check_direction(binding, type(self).__name__, "direction")
         return []
 
+    def check_step(self, binding: Binding, step: Step) -> list[str]:
+        """Targets with one entry per sample (the heads' losses read them); class indices for
+        the default classification loss, which decides what a negative one means (ignored)."""
+        first = next(iter(step.features.values()), None)
+        batch = int(first.shape[0]) if isinstance(first, Tensor) and first.dim() else None
+        if self.task == "classification" and self._default_loss:
+            return class_index_problem("MultiLoss", step.targets, batch, negative_ok=True)
+        if batch is not None and (step.targets.dim() == 0 or step.targets.shape[0] != batch):
+            return [
+                f"MultiLoss needs targets with one entry per sample ({batch}); got targets of "
+                f"shape {tuple(step.targets.shape)}"
+            ]
+        return []
+
     def coefficients(
         self, outputs: list[Tensor], step: Step, like: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -151,14 +166,17 @@ class MultiLoss(Method):
         with torch.no_grad():
             k, scores = self.coefficients(run.outputs, step, like)
             k, ok = finite_step(k)
+            # a head output that is not finite (a NaN batch): a neutral step, and none of the
+            # heads' gradients (NaN, from their losses) reaches a gradient
+            ok = ok & torch.stack([torch.isfinite(o).all() for o in run.outputs]).all().to(ok)
         accumulate = [
-            (p, self._scale_head_grad(g, k[i]))
+            (p, _if_ok(ok, self._scale_head_grad(g, k[i])))
             for i, pairs in enumerate(run.param_grads)
             for p, g in pairs
         ]
         assert run.input_grads is not None
         inject = [
-            Injection(step.features[n], g, f"features[{n!r}] (unimodal loss)")
+            Injection(step.features[n], _if_ok(ok, g), f"features[{n!r}] (unimodal loss)")
             for n, g in zip(names, run.input_grads, strict=True)
         ]
         if self.direction > 0:
@@ -185,6 +203,11 @@ class MultiLoss(Method):
 
     def _scale_head_grad(self, g: Tensor, k: Tensor) -> Tensor:
         return g
+
+
+def _if_ok(ok: Tensor, g: Tensor) -> Tensor:
+    """``g``, or zeros where the step is not finite (no host sync)."""
+    return torch.where(ok.to(g.device), g, torch.zeros_like(g))
 
 
 @register(

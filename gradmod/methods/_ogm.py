@@ -23,6 +23,7 @@ from .._protocol import (
     Targets,
     class_index_problem,
     coefficient_dtype,
+    epoch_number,
     finite_step,
 )
 from ._args import check_args
@@ -193,7 +194,7 @@ class OGMGE(Method):
         )
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch.fill_(int(epoch))
+        self.epoch.fill_(epoch_number("OGMGE", epoch))
 
     def reset(self) -> None:
         super().reset()  # every buffer emptied (the counters to 0)

@@ -18,6 +18,7 @@ from .._protocol import (
     StepPlan,
     class_index_problem,
     coefficient_dtype,
+    epoch_number,
 )
 from ._args import check_args
 from ._heads import logits_problems, unimodal_logits
@@ -43,6 +44,7 @@ class _Drawn:
     lost: Tensor  # [M] long, samples of this rank whose features were zeroed
     executed: Tensor  # 0-d bool
     leak: dict[str, Tensor] | None  # theta_gradient: d(theta^2/2)/d features, per modality
+    ok: Tensor  # 0-d bool: every score is finite (else a neutral step: nothing dropped)
 
 
 @register(
@@ -97,15 +99,17 @@ class OPM(Method):
             apply). gradmod's default (``False``) treats q and :math:`\theta` as constants.
         seed: seed of the draws.
 
-    State (``state_dict``): ``steps``, ``micro``, ``epoch``, ``executed_steps``, per modality
-    ``last_scores``, ``last_drop_probability`` and ``dropped`` (samples of this rank whose
-    features were zeroed, summed over the run).
+    State (``state_dict``): ``steps``, ``micro``, ``epoch``, ``executed_steps``, ``skipped``
+    (steps whose scores were not finite, e.g. a NaN batch: nothing dropped, ``last_scores``
+    kept), per modality ``last_scores``, ``last_drop_probability`` and ``dropped`` (samples of
+    this rank whose features were zeroed, summed over the run).
     """
 
     steps: Tensor
     micro: Tensor
     epoch: Tensor
     executed_steps: Tensor
+    skipped: Tensor
     last_scores: Tensor
     last_drop_probability: Tensor
     dropped: Tensor
@@ -154,7 +158,7 @@ class OPM(Method):
         self.window = None if window is None else (int(window[0]), window[1])
         self.theta_gradient = bool(theta_gradient)
         self.seed = int(seed)
-        for name in ("steps", "micro", "epoch", "executed_steps"):
+        for name in ("steps", "micro", "epoch", "executed_steps", "skipped"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
         self.register_buffer("last_scores", torch.zeros(0))
         self.register_buffer("last_drop_probability", torch.zeros(0))
@@ -178,10 +182,10 @@ class OPM(Method):
         )
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch.fill_(int(epoch))
+        self.epoch.fill_(epoch_number("OPM", epoch))
 
     def reset(self) -> None:
-        for name in ("steps", "micro", "epoch", "executed_steps"):
+        for name in ("steps", "micro", "epoch", "executed_steps", "skipped"):
             getattr(self, name).zero_()
         device = self.steps.device
         self.last_scores = torch.zeros(0, device=device)
@@ -226,8 +230,10 @@ class OPM(Method):
             # global sums; under theta_gradient the gradient flows through the local part
             total = step.reduce(local.detach().to(binding.device)).to(local.device)
             scores = local + (total - local.detach())
+            ok = torch.isfinite(scores.detach()).all()  # else neutral: nothing dropped
             active = self.in_window()
             q = self._drop_probability(scores) if active else torch.zeros_like(scores)
+            q = torch.where(ok, q, torch.zeros_like(q))
         key = (self.seed, int(self.steps), int(self.micro))
         drop = GF.opm_drop(
             feats,
@@ -252,6 +258,7 @@ class OPM(Method):
             leak = {}
             for n, f in zip(names, feats, strict=True):
                 g = by_id.get(id(f), torch.zeros_like(f))
+                g = torch.where(ok.to(g.device), g, torch.zeros_like(g))
                 leak[n] = (g * drop.executed.to(g.dtype)).detach()
         drawn = _Drawn(
             scores=scores.detach(),
@@ -260,6 +267,7 @@ class OPM(Method):
             lost=(~drop.keep).sum(dim=1),
             executed=drop.executed,
             leak=leak,
+            ok=ok,
         )
         return Prepared(dict(zip(names, drop.features, strict=True)), drawn)
 
@@ -286,7 +294,14 @@ class OPM(Method):
         def commit() -> None:
             with torch.no_grad():
                 if drawn is not None:
-                    self.last_scores = drawn.scores.clone()
+                    ok = drawn.ok
+                    before = (
+                        self.last_scores.to(drawn.scores)
+                        if self.last_scores.shape == drawn.scores.shape
+                        else torch.zeros_like(drawn.scores)
+                    )
+                    self.last_scores = torch.where(ok, drawn.scores, before)
+                    self.skipped = self.skipped.to(ok.device) + (~ok).to(self.skipped.dtype)
                     self.last_drop_probability = drawn.drop_probability.clone()
                     lost = drawn.lost
                     before = (

@@ -177,8 +177,8 @@ def check_state(
         missing, unexpected = sorted(expected - given), sorted(given - expected)
         problems.append(
             f"the state does not fit {type(method).__name__}: missing keys {missing}, "
-            f"unexpected keys {unexpected} (a checkpoint of another method or preset): load "
-            "the state of a context built with the same method"
+            f"unexpected keys {unexpected} (a checkpoint of another method, preset or gradmod "
+            "version): load the state of a context built with the same method"
         )
     for key, value in state_dict.items():
         if not isinstance(value, Tensor):

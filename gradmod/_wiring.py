@@ -24,11 +24,6 @@ __all__ = ["Wiring"]
 _F32_MAX = torch.finfo(torch.float32).max
 
 
-def _usable(k: float) -> bool:
-    """Whether a coefficient may reach a gradient: finite, and finite in float32."""
-    return math.isfinite(k) and abs(k) <= _F32_MAX
-
-
 class Wiring:
     """Registers each block's hooks from the plan; the hooks read views of ``coefficients``
     (``[M]``, on the binding's device: set from each plan by :meth:`set_coefficients`; a model
@@ -82,13 +77,23 @@ class Wiring:
                 f"{tuple(c.shape)}; expected {tuple(k.shape)}"
             )
         k.copy_(c.detach() if c.requires_grad else c)
-        # Defensive: a coefficient that is not finite, or beyond float32's range (float32 and
-        # half gradients are multiplied by its float32 copy, which would be inf), never reaches
-        # a gradient (1 = untouched). On the CPU the values are read first (no op when all are
-        # usable); elsewhere no host sync.
-        if not self._on_cpu or not all(map(_usable, k.tolist())):
-            k.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
+        # Defensive: a coefficient that is not finite never reaches a gradient (1 = untouched),
+        # nor one beyond float32's range where an encoder tensor is not float64 (float32 and
+        # half gradients are multiplied by its float32 copy, which would be inf). On the CPU
+        # the values are read first (no op when all are usable); elsewhere no host sync.
+        if self._on_cpu:
+            values = k.tolist()
+            if all(map(math.isfinite, values)) and (
+                max(map(abs, values), default=0.0) <= _F32_MAX or not self._narrow()
+            ):
+                return
+        k.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
+        if self._narrow():
             k.masked_fill_(k.abs() > _F32_MAX, 1.0)
+
+    def _narrow(self) -> bool:
+        """Whether some encoder tensor is not float64 (its gradient is scaled in float32)."""
+        return any(t.dtype != torch.float64 for ts in self._encoder_tensors().values() for t in ts)
 
     def _encoder_tensors(self) -> dict[int, list[Tensor]]:
         """The tensors of each modality that get a parameter hook (built once: the same mapping

@@ -184,6 +184,25 @@ def test_a_non_finite_coefficient_leaves_its_modality_untouched(mode: str, bad: 
             close64(p.grad, want[m] * plain[name].grad, name)
 
 
+@pytest.mark.parametrize("big", [1e39, -1e39])
+def test_a_float64_model_takes_coefficients_beyond_float32(big: float) -> None:
+    """Float64 gradients are scaled by the float64 coefficient: 1e39 is applied exactly (only
+    where an encoder tensor is float32 or half is it out of range)."""
+    model = make_model(dtype=F64)
+    twin = copy.deepcopy(model)
+    xs, y = batch(dtype=F64)
+    ctx = fixed_ctx(model, [big, 2.0, 0.5])
+    step(model, ctx, xs, y)
+    plain_step(twin, xs, y)
+    assert ctx.coefficients.tolist() == [big, 2.0, 0.5]
+    plain = dict(twin.named_parameters())
+    want = dict(zip(NAMES, [big, 2.0, 0.5], strict=True))
+    for name, p in model.named_parameters():
+        m = modality_of(name)
+        expect = plain[name].grad * (want[m] if m else 1.0)
+        torch.testing.assert_close(p.grad, expect, rtol=1e-15, atol=0, msg=name)
+
+
 class SharedStem(nn.Module):
     def __init__(self) -> None:
         super().__init__()

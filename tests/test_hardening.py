@@ -416,6 +416,60 @@ def test_a_non_finite_batch_leaves_no_trace_in_the_state(kind: str) -> None:
             assert torch.equal(s_nan[key], s_ref[key]), key
 
 
+class _MaskedHead(nn.Module):
+    """A unimodal head that masks a class absent from the task with a -inf logit: the loss and
+    the gradients stay finite."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = torch.tensor([False, False, False, True], device=x.device)
+        return self.lin(x).masked_fill(mask, -math.inf)
+
+
+@pytest.mark.parametrize("kind", ["multiloss", "mlb", "cggm"])
+def test_heads_with_masked_minus_inf_logits_train_normally(kind: str) -> None:
+    """-inf logits are not a NaN batch: the step counts as clean, and the heads' gradients are
+    those of their losses on the detached features, by plain autograd (float64)."""
+    names = ("a", "b", "c")
+    model = make(names).to(F64)
+    heads = {n: _MaskedHead(model.enc[n][-1].out_features).to(DEVICE, F64) for n in names}
+    twins = copy.deepcopy(heads)
+    method = {
+        "multiloss": gradmod.MultiLoss(),
+        "mlb": gradmod.MLB(),
+        "cggm": gradmod.CGGM(lam=0),
+    }[kind]
+    ctx = ctx_for(model, method, heads)
+    xs, y = dev(*data(names))
+    y = y % 3  # class 3 is the masked one
+    feats = model.features({k: v.to(F64) for k, v in xs.items()})
+    with ctx(features=feats, targets=y):
+        F.cross_entropy(model.fuse(feats), y).backward()
+    assert int(ctx.state_dict()["skipped"]) == 0
+    for n in names:
+        F.cross_entropy(twins[n](feats[n].detach()), y).backward()
+        for (pn, p), q in zip(heads[n].named_parameters(), twins[n].parameters(), strict=True):
+            assert p.grad is not None and q.grad is not None
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14, msg=f"{n}.{pn}")
+
+
+def test_cggm_takes_an_empty_batch() -> None:
+    """A rank with no samples in a step (DDP with uneven data): no error, finite coefficients
+    (the global mean counts no sample from it)."""
+    names = ("a", "b", "c")
+    model = make(names)
+    ctx = ctx_for(model, gradmod.CGGM(lam=0), linear_heads(names))
+    xs, y = dev(*data(names))
+    xs, y = {k: v[:0] for k, v in xs.items()}, y[:0]
+    feats = model.features(xs)
+    with ctx(features=feats, targets=y):
+        (model.fuse(feats).sum() * 0 + sum(f.sum() for f in feats.values()) * 0).backward()
+    assert bool(torch.isfinite(ctx.coefficients).all())
+
+
 # =============================================================== B6. hyperparameters
 BAD_ARGS = [
     (gradmod.CGGM, {"rho": -0.1}, "rho"),

@@ -232,6 +232,52 @@ def test_multiloss_and_mlb_match_naive_reference(variant: str, mode: str) -> Non
         opt.zero_grad()
 
 
+@pytest.mark.parametrize("form", ["soft-labels", "per-frame"])
+def test_multiloss_leaves_the_targets_form_to_its_loss(form: str) -> None:
+    """Targets that cross_entropy takes (soft labels [B, C]; per-frame indices [B, T] with
+    head outputs [B, C, T]) are the heads' loss's to check: taken, with one entry per sample;
+    the heads' gradients are those of that loss (plain autograd, float64)."""
+    names = ("a", "b")
+    model = make(names).to(F64)
+    width = model.enc["a"][-1].out_features
+    frames = 5
+
+    class PerFrame(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(width, CLASSES * frames)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.lin(x).view(x.shape[0], CLASSES, frames)
+
+    heads: dict[str, nn.Module] = {
+        n: (nn.Linear(width, CLASSES) if form == "soft-labels" else PerFrame()).to(DEVICE, F64)
+        for n in names
+    }
+    twins = copy.deepcopy(heads)
+    ctx = ctx_for(model, gradmod.MultiLoss(), heads)
+    xs, y = dev(*data(names))
+    g = torch.Generator().manual_seed(2)
+    if form == "soft-labels":
+        t = torch.softmax(torch.randn(y.shape[0], CLASSES, generator=g, dtype=F64), 1)
+    else:
+        t = torch.randint(0, CLASSES, (y.shape[0], frames), generator=g)
+    t = t.to(DEVICE)
+    feats = model.features({k: v.to(F64) for k, v in xs.items()})
+    with ctx(features=feats, targets=t):
+        sum(f.sum() for f in feats.values()).backward()
+    for n in names:
+        F.cross_entropy(twins[n](feats[n].detach()), t).backward()
+        for p, q in zip(heads[n].parameters(), twins[n].parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+    again = model.features({k: v.to(F64) for k, v in xs.items()})
+    with (
+        pytest.raises(gradmod.StepError, match="one entry per sample"),
+        ctx(features=again, targets=t[:-1]),
+    ):
+        pass  # pragma: no cover
+
+
 def test_multiloss_refuses_a_feature_outside_the_loss() -> None:
     names = ("a", "b")
     model, heads = make(names), linear_heads(names)
@@ -761,25 +807,35 @@ def test_agm_configuration_errors() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kw", "top"),
+    ("kw", "m", "top"),
     [
-        ({"alpha": 1000.0}, 1000.0),
-        ({"alpha": 50.0, "cap": 2.0}, 100.0),
-        ({"alpha": 9.0, "official": True}, 90.0),
-        ({"alpha": 88.0}, None),
-        ({"alpha": 1.5, "official": True}, None),
+        ({"alpha": 1000.0}, 2, 1000.0),
+        ({"alpha": 50.0, "cap": 2.0}, 3, 100.0),
+        ({"alpha": 9.0, "official": True}, 2, 90.0),  # official cap 10 for two modalities
+        ({"alpha": 12.0, "official": True}, 3, None),  # 7 for three: e^84 fits float32
+        ({"alpha": 88.0}, 2, None),
+        ({"alpha": 1.5, "official": True}, 3, None),
     ],
 )
-def test_agm_refuses_coefficients_beyond_float32(kw: dict[str, object], top: float | None) -> None:
-    """k <= e^(alpha * bound) (bound: cap, 1 by default, 10 for the official rule) must be a
-    float32 number, ln(float32 max) = 88.72: else steps would silently leave the gradient."""
+def test_agm_refuses_coefficients_beyond_float32(
+    kw: dict[str, object], m: int, top: float | None
+) -> None:
+    """k <= e^(alpha * cap) (cap: cap=, 1 by default, the official 10 or 7 by M) must be a
+    float32 number, ln(float32 max) = 88.72, where float32 gradients are scaled; a float64
+    model takes any alpha."""
+    names = ("a", "b", "c")[:m]
+    if top is not None and torch.float64 == DTYPE:
+        pytest.skip("a float64 model takes any alpha")
     if top is None:
-        assert math.exp(88.0) < torch.finfo(torch.float32).max
-        gradmod.AGM(**kw)  # type: ignore[arg-type]
+        assert math.log(torch.finfo(torch.float32).max) > 88.0
+        ctx_for(make(names), gradmod.AGM(**kw))  # type: ignore[arg-type]
         return
     assert top > math.log(torch.finfo(torch.float32).max)
-    with pytest.raises(gradmod.ConfigurationError, match=f"alpha \\* bound = {top:g}"):
-        gradmod.AGM(**kw)  # type: ignore[arg-type]
+    with pytest.raises(gradmod.ConfigurationError, match=f"alpha \\* cap = {top:g}"):
+        ctx_for(make(names), gradmod.AGM(**kw))  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    wide = LinNet(names).to(DEVICE, torch.float64)
+    ctx_for(wide, gradmod.AGM(**kw))  # type: ignore[arg-type]
 
 
 # ================================================================= shared properties

@@ -88,7 +88,7 @@ class AGM(Method):
         checks = [("alpha", alpha, 0.0, False, None)]
         if cap is not None:
             checks.append(("cap", cap, 0.0, False, None))
-        check_args("AGM", checks, _range_problems(alpha, cap, official))
+        check_args("AGM", checks)
         self.alpha = float(alpha)
         self.cap = None if cap is None else float(cap)
         self.official = bool(official)
@@ -122,6 +122,21 @@ class AGM(Method):
         if self.cap is not None:
             return self.cap
         return _OFFICIAL_CAPS.get(m, 7.0) if self.official else SAFE_CAP
+
+    def check(self, binding: Binding) -> list[str]:
+        """Coefficients reach ``e^(alpha * cap)``: refused where that leaves float32 and some
+        encoder is not float64 (float32 and half gradients are scaled by a float32 copy, and a
+        coefficient beyond it would leave the gradient unmodulated)."""
+        top = self.alpha * self.exponent_cap(len(binding.names))
+        narrow = any(p.dtype != torch.float64 for ps in binding.groups.values() for p in ps)
+        if narrow and top > _LOG_F32_MAX:
+            return [
+                f"AGM: alpha * cap = {top:g} lets a coefficient reach e^{top:g}, beyond float32's "
+                "range (the precision float32 gradients are scaled in): keep alpha * cap <= "
+                f"{_LOG_F32_MAX:.1f} (cap: the cap= argument, default 1, or the official 10 for "
+                "two modalities and 7 for three or four)"
+            ]
+        return []
 
     def check_step(self, binding: Binding, step: Step) -> list[str]:
         first = next(iter(step.features.values()), None)
@@ -164,21 +179,5 @@ class AGM(Method):
         )
 
 
-#: ``e^x`` is finite in float32 (the precision float32 gradients are scaled in) up to this.
+#: ``e^x`` is finite in float32 up to this.
 _LOG_F32_MAX = math.log(torch.finfo(torch.float32).max)
-
-
-def _range_problems(alpha: object, cap: object, official: bool) -> list[str]:
-    """Why ``k <= e^(alpha * bound)`` could leave float32, if it can (the bound of the
-    exponent's argument: ``cap``, else 1, or 10 for the official rule)."""
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (alpha, cap or 1)):
-        return []  # reported by check_args
-    bound = float(cap) if cap is not None else (10.0 if official else 1.0)  # type: ignore[arg-type]
-    top = float(alpha) * bound  # type: ignore[arg-type]
-    if math.isfinite(top) and top > _LOG_F32_MAX:
-        return [
-            f"AGM: alpha * bound = {top:g} lets a coefficient reach e^{top:g}, beyond float32's "
-            f"range (the precision float32 gradients are scaled in): keep alpha * bound <= "
-            f"{_LOG_F32_MAX:.1f} (bound = cap, default 1, or 10 with official=True)"
-        ]
-    return []

@@ -213,9 +213,12 @@ class CGGM(Method):
         )
 
         with torch.no_grad():
-            # a classifier output that is not finite (a NaN batch) makes its score NaN: an
-            # accuracy alone would stay finite, and the step would not be neutral
-            scores = [_unless_finite(out, self.metric(out, step.targets)) for out in run.outputs]
+            # a classifier whose loss is not finite (a NaN batch) gets a NaN score: an accuracy
+            # alone would stay finite, and the step would not be neutral
+            scores = [
+                _unless_finite(loss, self.metric(out, step.targets))
+                for out, loss in zip(run.outputs, run.losses, strict=True)
+            ]
             metric = global_mean(scores, step.reduce, self.previous)
             policy: GF.Policy = "official" if self.official else "safe"
             b = GF.improvement_rate_scale(
@@ -269,14 +272,7 @@ class CGGM(Method):
         )
 
 
-def _unless_finite(outputs: Tensor, score: Tensor) -> Tensor:
-    """``score`` (per sample ``[B]``, or one batch score) where the classifier's ``outputs`` are
-    finite, NaN where they are not (per sample, or for the batch)."""
-    rows = (
-        torch.isfinite(outputs).reshape(outputs.shape[0], -1).all(dim=1) if outputs.dim() else None
-    )
-    if rows is None:
-        return torch.where(torch.isfinite(outputs), score, torch.nan)
-    if score.dim() == 1 and score.shape[0] == rows.shape[0]:
-        return torch.where(rows.to(score.device), score, torch.nan)
-    return torch.where(rows.all().to(score.device), score, torch.nan)
+def _unless_finite(loss: Tensor, score: Tensor) -> Tensor:
+    """``score`` (per sample ``[B]``, or one batch score), all NaN where the classifier's
+    ``loss`` is not finite (a NaN batch); an empty per-sample score stays empty."""
+    return torch.where(torch.isfinite(loss).to(score.device), score, torch.nan)

@@ -31,6 +31,7 @@ class HeadRun:
     outputs: list[Tensor]  # detached head outputs
     param_grads: list[list[tuple[Tensor, Tensor]]]  # per modality: (parameter, gradient)
     input_grads: list[Tensor] | None  # per modality: d loss / d feature, when asked for
+    losses: list[Tensor]  # per modality: the head's loss (detached, before ``weight``)
 
 
 def _as_input_of(head: nn.Module, h: Tensor) -> Tensor:
@@ -86,7 +87,9 @@ def run_heads(
         inputs_g = [
             g if g is not None else torch.zeros_like(x) for g, x in zip(it, inputs, strict=True)
         ]
-    return HeadRun([o.detach() for o in outputs], param_grads, inputs_g)
+    return HeadRun(
+        [o.detach() for o in outputs], param_grads, inputs_g, [x.detach() for x in losses]
+    )
 
 
 def global_mean(scores: Sequence[Tensor], reduce: Reduce, like: Tensor) -> Tensor:

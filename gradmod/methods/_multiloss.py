@@ -80,7 +80,6 @@ class MultiLoss(Method):
         self.weight = float(weight)
         self.task: Task = task
         self.loss_fn: Loss = loss_fn or (F.cross_entropy if task == "classification" else _mse)
-        self._default_loss = loss_fn is None
         self.direction = float(direction)
         self.register_buffer("last_coefficients", torch.zeros(0))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
@@ -129,16 +128,14 @@ class MultiLoss(Method):
         return []
 
     def check_step(self, binding: Binding, step: Step) -> list[str]:
-        """Targets with one entry per sample (the heads' losses read them); class indices for
-        the default classification loss, which decides what a negative one means (ignored)."""
+        """Targets with one entry per sample; their form (class indices, soft labels, per-frame
+        targets) is the heads' loss's to check."""
         first = next(iter(step.features.values()), None)
         batch = int(first.shape[0]) if isinstance(first, Tensor) and first.dim() else None
-        if self.task == "classification" and self._default_loss:
-            return class_index_problem("MultiLoss", step.targets, batch, negative_ok=True)
         if batch is not None and (step.targets.dim() == 0 or step.targets.shape[0] != batch):
             return [
-                f"MultiLoss needs targets with one entry per sample ({batch}); got targets of "
-                f"shape {tuple(step.targets.shape)}"
+                f"MultiLoss needs targets with one entry per sample, shape [{batch}, ...]; got "
+                f"targets of shape {tuple(step.targets.shape)}"
             ]
         return []
 
@@ -166,17 +163,17 @@ class MultiLoss(Method):
         with torch.no_grad():
             k, scores = self.coefficients(run.outputs, step, like)
             k, ok = finite_step(k)
-            # a head output that is not finite (a NaN batch): a neutral step, and none of the
-            # heads' gradients (NaN, from their losses) reaches a gradient
-            ok = ok & torch.stack([torch.isfinite(o).all() for o in run.outputs]).all().to(ok)
+            # a head loss that is not finite (a NaN batch): none of the heads' gradients (NaN)
+            # reaches a gradient (this rank's; head gradients are then averaged over ranks)
+            finite = torch.stack([torch.isfinite(x).all() for x in run.losses]).all()
         accumulate = [
-            (p, _if_ok(ok, self._scale_head_grad(g, k[i])))
+            (p, _if_ok(finite, self._scale_head_grad(g, k[i])))
             for i, pairs in enumerate(run.param_grads)
             for p, g in pairs
         ]
         assert run.input_grads is not None
         inject = [
-            Injection(step.features[n], _if_ok(ok, g), f"features[{n!r}] (unimodal loss)")
+            Injection(step.features[n], _if_ok(finite, g), f"features[{n!r}] (unimodal loss)")
             for n, g in zip(names, run.input_grads, strict=True)
         ]
         if self.direction > 0:
@@ -206,7 +203,7 @@ class MultiLoss(Method):
 
 
 def _if_ok(ok: Tensor, g: Tensor) -> Tensor:
-    """``g``, or zeros where the step is not finite (no host sync)."""
+    """``g``, or zeros where ``ok`` is false (no host sync)."""
     return torch.where(ok.to(g.device), g, torch.zeros_like(g))
 
 

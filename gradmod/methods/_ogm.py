@@ -102,8 +102,10 @@ class OGMGE(Method):
         draw_ahead: on the CPU, draw the next optimizer step's noise on a background thread
             while the model computes (after each step that drew noise; modalities of at least
             2^18 elements): the same numbers (the same seeded draw), off the step's critical
-            path (~10M normal numbers take tens of ms of one core). It holds one noise
-            buffer per modality between steps. ``False``: draw inside backward.
+            path (~10M normal numbers take tens of ms of one core) where a second core is
+            free; where the cores share one physical core, the draw slows the step about as
+            much either way (README, "Overhead"). It holds one noise buffer per modality
+            between steps. ``False``: draw inside backward.
 
     State (``state_dict``): ``epoch``, ``noise_steps`` (optimizer steps that drew noise),
     ``last_coefficients``, ``last_scores`` and ``steps``.

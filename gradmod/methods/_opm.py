@@ -101,7 +101,7 @@ class OPM(Method):
 
     State (``state_dict``): ``steps``, ``micro``, ``epoch``, ``executed_steps``, ``skipped``
     (steps whose scores were not finite, e.g. a NaN batch: nothing dropped, ``last_scores``
-    kept), per modality ``last_scores``, ``last_drop_probability`` and ``dropped`` (samples of
+    kept, zeros before any finite step), per modality ``last_scores``, ``last_drop_probability`` and ``dropped`` (samples of
     this rank whose features were zeroed, summed over the run).
     """
 

@@ -26,6 +26,7 @@ from _lightning_common import (
 )
 
 import gradmod
+from gradmod.integrations.lightning import Modulation
 
 TOL = 1e-6
 
@@ -62,6 +63,31 @@ def test_trainer_equals_the_plain_loop(method: str, setting: str) -> None:
     diff = max_diff(net, ref)
     assert diff <= TOL, f"{method}/{setting}: max parameter difference {diff:.3g}"
     assert diff < max_diff(net, Net(method)), "training moved nothing"
+
+
+class _Unsized(torch.utils.data.IterableDataset[tuple[torch.Tensor, ...]]):
+    """The same samples, in the same order, without a length (a streamed dataset)."""
+
+    def __init__(self, ds: torch.utils.data.TensorDataset) -> None:
+        self.ds = ds
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return (self.ds[i] for i in range(len(self.ds)))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_unsized_loader_closes_the_epochs_last_window(method: str) -> None:
+    """An IterableDataset (num_training_batches is inf) with accumulate_grad_batches=2 over 5
+    batches: Lightning steps after the last, short window, and gradmod is told it is a boundary
+    (OGM-GE's noise is added there), as with the sized loader of the plain loop."""
+    s = Setting(accumulate=2)
+    net = Net(method)
+    ref = plain_run(method, s, model=Net(method))
+    cb = callback(method)
+    unsized = torch.utils.data.DataLoader(_Unsized(dataset()), batch_size=8)
+    trainer(cb, s).fit(net, unsized)
+    diff = max_diff(net, ref)
+    assert diff <= TOL, f"{method}: max parameter difference {diff:.3g}"
 
 
 def test_accumulation_without_the_callback_weight_would_differ() -> None:
@@ -155,6 +181,53 @@ def test_coefficients_and_scores_are_logged(tmp_path: Path) -> None:
     for name in ("a", "b"):
         for col in (f"grad_norm_before/{name}", f"grad_norm_after/{name}"):
             assert float(last[f"gradmod/{col}"]) == pytest.approx(record[col][-1], rel=1e-6)
+
+
+class _OddScores(gradmod.Method):
+    """Coefficients 1, and scores that are not one per modality: a single number, and five."""
+
+    def plan(self, binding: gradmod.Binding, step: gradmod.Step) -> gradmod.StepPlan:
+        k = torch.ones(len(binding.names), dtype=torch.float64, device=binding.device)
+        total = torch.stack([f.detach().double().norm() for f in step.features.values()]).sum()
+        five = torch.arange(5, dtype=torch.float64) + total
+        return gradmod.StepPlan(k, scores={"total": total, "five": five})
+
+
+def test_scores_that_are_not_one_per_modality_are_logged_as_the_monitor_lays_them_out(
+    tmp_path: Path,
+) -> None:
+    """A 0-d score is logged under its key, one of another length by index (was an IndexError
+    that ended fit, or values under the wrong modality names)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb = Modulation(
+        None,
+        method=_OddScores(),
+        encoders={n: f"enc.{n}" for n in ("a", "b")},
+        log=True,
+        act="gradient",
+    )
+    t = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    t.callbacks.append(cb)
+    t.fit(Net("ogm-ge"), loader(dataset()))
+    assert cb.ctx is not None
+    metrics = next(tmp_path.rglob("metrics.csv")).read_text().splitlines()
+    header = metrics[0].split(",")
+    assert "gradmod/total" in header
+    assert [f"gradmod/five/{i}" in header for i in range(5)] == [True] * 5
+    assert not any(h.startswith("gradmod/total/") or h == "gradmod/five/a" for h in header)
+    last = dict(zip(header, metrics[-1].split(","), strict=True))
+    scores = cb.ctx.scores
+    assert float(last["gradmod/total"]) == pytest.approx(float(scores["total"]), rel=1e-6)
+    assert float(last["gradmod/five/4"]) == pytest.approx(float(scores["five"][4]), rel=1e-6)
 
 
 def test_an_exception_in_backward_leaves_no_hook_and_no_state(tmp_path: Path) -> None:

@@ -251,8 +251,12 @@ class Modulation(pl.Callback):
     ) -> None:
         n = trainer.accumulate_grad_batches
         done = batch_idx + 1
-        # Lightning steps after every n-th batch and after the last batch of the epoch
-        self._boundary = done % n == 0 or done == trainer.num_training_batches
+        # Lightning steps after every n-th batch and after the last batch of the epoch: known
+        # by count for a sized loader, and by its fetcher (which looks one batch ahead) for an
+        # unsized one (an IterableDataset: num_training_batches is inf)
+        self._boundary = (
+            done % n == 0 or done == trainer.num_training_batches or _is_last_batch(trainer)
+        )
         self._weight = 1.0 / n  # Lightning divides the loss by n
         self._inputs = None
 
@@ -303,10 +307,17 @@ class Modulation(pl.Callback):
         k = self.ctx.coefficients.float()
         for i, name in enumerate(self.ctx.names):
             values[f"gradmod/coefficient/{name}"] = k[i]
+        names = self.ctx.names
         for key, score in self.ctx.scores.items():
-            s = score.float()
-            for i, name in enumerate(self.ctx.names):
-                values[f"gradmod/{key}/{name}"] = s[i]
+            # laid out as the Monitor's columns: per modality for [M], one value for a single
+            # number, by index otherwise
+            s = score.detach().float().reshape(-1)
+            if s.numel() == len(names):
+                values.update({f"gradmod/{key}/{n}": s[i] for i, n in enumerate(names)})
+            elif s.numel() == 1:
+                values[f"gradmod/{key}"] = s[0]
+            else:
+                values.update({f"gradmod/{key}/{i}": v for i, v in enumerate(s)})
         if self.ctx.monitor is not None and len(self.ctx.monitor):
             for key, value in self.ctx.monitor.latest().items():
                 if key.startswith("grad_norm"):
@@ -330,3 +341,10 @@ class Modulation(pl.Callback):
             self.ctx.load_state_dict(state)
         else:  # restored before fitting starts: loaded into the context when it is built
             self._pending_state = state
+
+
+def _is_last_batch(trainer: pl.Trainer) -> bool:
+    """Whether Lightning's training loop knows the current batch is the epoch's last (set before
+    ``on_train_batch_start``)."""
+    progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
+    return bool(getattr(progress, "is_last_batch", False))

@@ -179,6 +179,15 @@ def no_hooks(tensors: list[Tensor]) -> bool:
     return all(not (t._backward_hooks or {}) for t in tensors)
 
 
+def assert_untouched(run: Run, tensors: list[Tensor], state: Mapping[str, Any]) -> None:
+    """A refused block: no gradient, no hook, the method's state as it was."""
+    assert all(t.grad is None for t in tensors)
+    assert no_hooks(tensors)
+    for key, v in run.ctx.state_dict().items():
+        if isinstance(v, Tensor):
+            assert torch.equal(v, state[key]), key
+
+
 # ----------------------------------------------------------------------------------- checks
 @pytest.mark.parametrize(("name", "use"), CASES)
 def test_coefficients_scores_and_state_are_finite(name: str, use: str) -> None:
@@ -419,11 +428,7 @@ def test_a_negative_class_index_is_refused_before_anything_or_used_as_its_loss_s
             loss.backward()
     except gradmod.StepError as e:
         assert "-100" in str(e) and "drop the ignored samples" in str(e)
-        assert all(t.grad is None for t in tensors)
-        assert no_hooks(tensors)
-        for key, v in run.ctx.state_dict().items():
-            if isinstance(v, Tensor):
-                assert torch.equal(v, state[key]), key
+        assert_untouched(run, tensors, state)
         return
     assert bool(torch.isfinite(run.ctx.coefficients).all())
     for key, v in run.ctx.state_dict().items():
@@ -446,11 +451,7 @@ def test_targets_of_another_length_are_refused_before_anything(name: str, use: s
             loss.backward()
     except gradmod.StepError as e:
         assert "[12" in str(e), str(e)  # the shape it needs: [12] or [12, ...]
-        assert all(t.grad is None for t in tensors)
-        assert no_hooks(tensors)
-        for key, v in run.ctx.state_dict().items():
-            if isinstance(v, Tensor):
-                assert torch.equal(v, state[key]), key
+        assert_untouched(run, tensors, state)
         return
     # accepted: the method does not read the targets (gradmod.Fixed), and trained on
     assert type(run.method).__name__ == "Fixed", f"{name} took a short batch of targets"

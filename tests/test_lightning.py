@@ -149,13 +149,11 @@ def test_resume_without_the_method_state_would_differ(tmp_path: Path) -> None:
     del net
 
 
-def test_coefficients_and_scores_are_logged(tmp_path: Path) -> None:
+def _logging_trainer(tmp_path: Path, cb: Modulation) -> pl.Trainer:
+    """One epoch, every step logged to a CSV file under ``tmp_path``, with the callback."""
     from lightning.pytorch.loggers import CSVLogger
 
-    cb = callback("balanced", log=True)
-    cb.monitor = gradmod.Monitor()
-    net = Net("balanced")
-    t = pl.Trainer(
+    return pl.Trainer(
         accelerator="cpu",
         max_epochs=1,
         logger=CSVLogger(tmp_path),
@@ -163,8 +161,15 @@ def test_coefficients_and_scores_are_logged(tmp_path: Path) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=[cb],
     )
-    t.callbacks.append(cb)
+
+
+def test_coefficients_and_scores_are_logged(tmp_path: Path) -> None:
+    cb = callback("balanced", log=True)
+    cb.monitor = gradmod.Monitor()
+    net = Net("balanced")
+    t = _logging_trainer(tmp_path, cb)
     t.fit(net, loader(dataset()))
     assert cb.ctx is not None
     metrics = next(tmp_path.rglob("metrics.csv")).read_text().splitlines()
@@ -198,8 +203,6 @@ def test_scores_that_are_not_one_per_modality_are_logged_as_the_monitor_lays_the
 ) -> None:
     """A 0-d score is logged under its key, one of another length by index (was an IndexError
     that ended fit, or values under the wrong modality names)."""
-    from lightning.pytorch.loggers import CSVLogger
-
     cb = Modulation(
         None,
         method=_OddScores(),
@@ -207,16 +210,7 @@ def test_scores_that_are_not_one_per_modality_are_logged_as_the_monitor_lays_the
         log=True,
         act="gradient",
     )
-    t = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=CSVLogger(tmp_path),
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    t.callbacks.append(cb)
+    t = _logging_trainer(tmp_path, cb)
     t.fit(Net("ogm-ge"), loader(dataset()))
     assert cb.ctx is not None
     metrics = next(tmp_path.rglob("metrics.csv")).read_text().splitlines()
